@@ -1,0 +1,165 @@
+"""Checkpoint files: safe loading, the authors' `.pth` format and ours (config.json + model.safetensors).
+
+Our format is a directory (or Hub repo) with `config.json` describing the denoiser and the backbone it
+was trained for, and `model.safetensors` holding the denoiser weights only (`pos_embed`, `block.*`).
+The authors' files (Hub repo `jjiaweiyang/DVT`) are pickled dicts whose `"denoiser"` entry holds
+`pos_embed` and `denoiser.*`; they are read with `torch.load(weights_only=True)` and renamed on the fly.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint',
+    'write_denoiser_checkpoint', 'backbone_arch', 'atomic_write',
+]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupt, or does not fit the model."""
+
+
+@dataclass
+class DenoiserConfig:
+    """What `config.json` records about a denoiser in our format."""
+    backbone: str  # timm id of the backbone the denoiser was trained on, with tag when known
+    embed_dim: int
+    num_heads: int
+    grid_size: int  # side K of the learned position embedding
+    patch_size: int
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = 'config') -> 'DenoiserConfig':
+        names = {f.name for f in fields(cls)}
+        missing = {'backbone', 'embed_dim', 'num_heads', 'grid_size', 'patch_size'} - set(data)
+        if missing:
+            raise CheckpointError(f'{source}: missing keys {sorted(missing)}')
+        if int(data.get('format_version', FORMAT_VERSION)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f'{source}: format_version {data["format_version"]} is newer than this dvt-timm '
+                f'supports ({FORMAT_VERSION}); upgrade dvt-timm')
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def backbone_arch(name: str) -> str:
+    """The architecture part of a timm model id: 'vit_small_patch14_dinov2.lvd142m' -> 'vit_small_patch14_dinov2'."""
+    return name.split('.', 1)[0]
+
+
+def atomic_write(path: PathLike, write_fn) -> None:
+    """Call `write_fn(tmp_path)` and move the result to `path`, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, object]:
+    """Load a `.safetensors` file, or a `.pth`/`.pt` file with `torch.load(weights_only=True)`.
+
+    Raises `FileNotFoundError` for a missing file and `CheckpointError` naming the file when it is
+    corrupt, truncated, or holds pickled objects other than tensors and containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        if path.suffix == '.safetensors':
+            return load_file(str(path), device='cpu')
+        return torch.load(str(path), map_location='cpu', weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path}: corrupt, truncated or unsafe checkpoint ({type(e).__name__}: {e})') from e
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise CheckpointError(f'{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})') from e
+
+
+def _from_authors(obj: Dict[str, object], path: Path) -> Dict[str, torch.Tensor]:
+    """Rename an authors' denoiser dict (`pos_embed`, `denoiser.*`) to ours (`pos_embed`, `block.*`)."""
+    sd = obj.get('denoiser', obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or 'pos_embed' not in sd:
+        raise CheckpointError(f'{path}: not a DVT denoiser checkpoint (no "denoiser" entry with "pos_embed")')
+    out = {}
+    for k, v in sd.items():
+        if k == 'pos_embed':
+            out[k] = v
+        elif k.startswith('denoiser.'):
+            out['block.' + k[len('denoiser.'):]] = v
+        elif not k.startswith('vit.'):  # a bundled backbone copy is ignored; the backbone loads separately
+            raise CheckpointError(f'{path}: unexpected key {k!r} in denoiser checkpoint')
+    return out
+
+
+def _config_from_weights(sd: Dict[str, torch.Tensor], backbone: str, path: Path) -> DenoiserConfig:
+    pos = sd.get('pos_embed')
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3:
+        raise CheckpointError(f'{path}: pos_embed missing or not of shape (1, K*K, C)')
+    grid = math.isqrt(pos.shape[1])
+    if grid * grid != pos.shape[1]:
+        raise CheckpointError(f'{path}: pos_embed has {pos.shape[1]} positions, not a square grid')
+    embed_dim = pos.shape[-1]
+    return DenoiserConfig(backbone=backbone, embed_dim=embed_dim, num_heads=max(embed_dim // 64, 1),
+                          grid_size=grid, patch_size={37: 14, 32: 16}.get(grid, 0))
+
+
+def read_denoiser_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], DenoiserConfig]:
+    """Read a denoiser from our directory format, a bare `model.safetensors`, or an authors' `.pth`.
+
+    Returns the weights in our key layout and the config. For authors' files, the backbone id is taken
+    from the file name (`<timm id>.pth`), as the authors name them.
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(f'{path}: no {WEIGHTS_NAME} in checkpoint directory')
+        path = weights_path
+    else:
+        cfg_path = path.with_name(CONFIG_NAME)
+    obj = load_state_dict_file(path)
+    if path.suffix != '.safetensors':
+        sd = _from_authors(obj, path)
+        named = timm.is_model(backbone_arch(path.stem)) and path.stem.count('.') <= 1
+        return sd, _config_from_weights(sd, path.stem if named else '', path)
+    if cfg_path.is_file():
+        try:
+            cfg = DenoiserConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f'{cfg_path}: corrupt config ({e})') from e
+    else:
+        cfg = _config_from_weights(obj, '', path)
+    return obj, cfg
+
+
+def write_denoiser_checkpoint(directory: PathLike, state_dict: Dict[str, torch.Tensor], config: DenoiserConfig) -> None:
+    """Write our format atomically: `config.json` and `model.safetensors` (denoiser weights only)."""
+    directory = Path(directory)
+    tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in state_dict.items()}
+    meta = {'format': 'dvt-timm', 'format_version': str(config.format_version), 'backbone': config.backbone}
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n'
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))

@@ -1,0 +1,48 @@
+"""The `dvt-timm` command line."""
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+__all__ = ['main']
+
+
+def _backbone_id(name: str) -> str:
+    """Accept a timm backbone id or a registered `dvt_*` name."""
+    from .registry import backbone_for
+    return backbone_for(name) if name.startswith('dvt_') else name
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .model import DenoisedViT
+    model = DenoisedViT(_backbone_id(args.model), denoiser_checkpoint=args.src)
+    model.save_pretrained(args.out_dir)
+    print(f'wrote {args.out_dir} (denoiser for {model.backbone_name})')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='dvt-timm', description='Denoising Vision Transformers for timm models.')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('convert', help="convert an authors' denoiser .pth to our format (config.json + model.safetensors)")
+    p.add_argument('src', help="authors' denoiser file, e.g. vit_base_patch14_dinov2.lvd142m.pth")
+    p.add_argument('out_dir', help='output directory')
+    p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name the denoiser belongs to')
+    p.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format='%(levelname)s %(message)s')
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f'dvt-timm {args.command}: error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Images in, normalised tensors out: listing folders, safe loading, DVT's squash-resize."""
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ['IMAGE_EXTENSIONS', 'list_images', 'load_image', 'image_to_tensor', 'load_batch']
+
+_logger = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+PathLike = Union[str, os.PathLike]
+
+
+def list_images(source: PathLike) -> List[Path]:
+    """Images in a folder (sorted, recursive), or the paths listed one per line in a text file
+    (relative paths are taken from the list file's folder; blank lines and `#` comments are skipped)."""
+    source = Path(source)
+    if source.is_dir():
+        return sorted(p for p in source.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if source.is_file():
+        lines = (line.strip() for line in source.read_text().splitlines())
+        return [source.parent / line for line in lines if line and not line.startswith('#')]
+    raise FileNotFoundError(f'no image folder or list file at {source}')
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Open an image as RGB; a file that is not a readable image raises `ValueError` naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for missing/corrupt/unknown files
+        raise ValueError(f'{path}: not a readable image ({e})') from e
+
+
+def image_to_tensor(
+        img: Image.Image,
+        size: Union[int, Tuple[int, int]],
+        mean: Sequence[float],
+        std: Sequence[float],
+) -> torch.Tensor:
+    """Squash-resize to `size` (H, W) with bicubic filtering, as DVT does, and normalise: (3, H, W)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    arr = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def load_batch(
+        paths: Iterable[PathLike],
+        size: Union[int, Tuple[int, int]],
+        mean: Sequence[float],
+        std: Sequence[float],
+) -> torch.Tensor:
+    """Load, resize and normalise several images into one (B, 3, H, W) tensor."""
+    return torch.stack([image_to_tensor(load_image(p), size, mean, std) for p in paths])

@@ -1,0 +1,372 @@
+"""`DenoisedViT`: a timm ViT backbone with a DVT denoiser on its final patch tokens."""
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import timm
+import torch
+from huggingface_hub import ModelHubMixin
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from .checkpoint import (
+    CheckpointError, DenoiserConfig, backbone_arch, load_state_dict_file, read_denoiser_checkpoint,
+    write_denoiser_checkpoint,
+)
+from .denoiser import Denoiser
+from .hub import fetch_denoiser
+
+__all__ = ['DenoisedViT', 'default_input_size']
+
+PathLike = Union[str, os.PathLike]
+
+_MODEL_CARD = """---
+{{ card_data }}
+---
+
+# {{ model_name | default("DVT denoiser", true) }}
+
+A [Denoising Vision Transformers](https://arxiv.org/abs/2401.02957) denoiser for the timm backbone
+`{{ backbone | default("see config.json", true) }}`, in the [dvt-timm](https://github.com/dvt-timm/dvt-timm)
+format: `model.safetensors` holds the denoiser only; the backbone loads through timm.
+
+```python
+from dvt_timm import DenoisedViT
+model = DenoisedViT.from_pretrained("{{ repo_id | default("path/to/this/repo", true) }}").eval()
+features = model.feature_map(images)  # (B, C, h, w), denoised
+```
+"""
+
+
+_SUPPORTED = ('DenoisedViT wraps timm VisionTransformer and Eva models such as DINOv2, DINO, MAE, CLIP, EVA02 '
+              'and DeiT-III')
+
+
+def default_input_size(patch_size: int) -> int:
+    """The input side DVT uses: 518 px for patch 14 (a 37x37 grid), 512 px otherwise (32x32 at patch 16)."""
+    return 518 if patch_size == 14 else 512
+
+
+def _strip_prefix(sd: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+class DenoisedViT(
+        nn.Module,
+        ModelHubMixin,
+        library_name='dvt-timm',
+        tags=['dvt', 'timm', 'image-feature-extraction', 'vision-transformer'],
+        paper_url='https://arxiv.org/abs/2401.02957',
+        model_card_template=_MODEL_CARD,
+):
+    """A timm ViT (VisionTransformer or Eva family) followed by a DVT denoiser on its final patch tokens.
+
+    The denoiser reads the last block's output after the backbone's final norm and changes only patch
+    tokens; class and register tokens pass through. With `denoise(False)` every output is the plain
+    backbone's, bit for bit.
+
+    Args:
+        backbone: a timm model id (optionally with tag) or a timm ViT instance.
+        pretrained: load the backbone's pretrained weights through timm (ignored when
+            `backbone_checkpoint` is given).
+        backbone_checkpoint: a timm-layout state dict (`.safetensors` or `.pth`) for the backbone.
+        denoiser_checkpoint: an authors' `.pth`, or a directory / `model.safetensors` in our format.
+        grid_size: side K of the denoiser's learned position embedding; defaults to the patch grid at
+            518 px (patch 14) or 512 px (other patch sizes).
+        freeze_backbone: freeze the backbone's parameters and keep it in eval mode.
+        **backbone_kwargs: passed to `timm.create_model` for the backbone (e.g. `num_classes`,
+            `dynamic_img_pad=True` to accept sizes that are not multiples of the patch size).
+    """
+
+    def __init__(
+            self,
+            backbone: Union[str, nn.Module] = 'vit_small_patch14_dinov2.lvd142m',
+            *,
+            pretrained: bool = False,
+            backbone_checkpoint: Optional[PathLike] = None,
+            denoiser_checkpoint: Optional[PathLike] = None,
+            grid_size: Optional[int] = None,
+            freeze_backbone: bool = True,
+            **backbone_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            self.backbone_name = backbone
+            backbone_kwargs.setdefault('dynamic_img_size', True)
+            try:
+                backbone = timm.create_model(
+                    backbone, pretrained=pretrained and backbone_checkpoint is None, **backbone_kwargs)
+            except TypeError as e:  # every timm ViT takes dynamic_img_size; other families do not
+                if 'dynamic_img_size' not in str(e):
+                    raise
+                raise ValueError(f'{self.backbone_name} is not a ViT with patch tokens: {_SUPPORTED}') from e
+        elif isinstance(backbone, nn.Module):
+            if backbone_kwargs:
+                raise TypeError(f'backbone kwargs {sorted(backbone_kwargs)} only apply when backbone is a name')
+            cfg = getattr(backbone, 'pretrained_cfg', None) or {}
+            arch, tag = cfg.get('architecture'), cfg.get('tag')
+            self.backbone_name = f'{arch}.{tag}' if arch and tag else (arch or '')
+        else:
+            raise TypeError(f'backbone must be a timm model name or nn.Module, got {type(backbone).__name__}')
+        self._check_backbone(backbone)
+        self.backbone = backbone
+
+        self.patch_size: int = backbone.patch_embed.patch_size[0]
+        self.embed_dim: int = backbone.embed_dim
+        self.num_features: int = backbone.num_features
+        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.num_classes: int = backbone.num_classes
+        self.in_chans: int = backbone.patch_embed.proj.in_channels
+        self.feature_info = getattr(backbone, 'feature_info', None)
+        self.grad_checkpointing = False
+        self.denoiser: Optional[Denoiser] = Denoiser(
+            self.embed_dim, grid_size or default_input_size(self.patch_size) // self.patch_size)
+        self._denoising = True
+
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        if backbone_checkpoint is not None:
+            self.load_backbone_checkpoint(backbone_checkpoint)
+        if denoiser_checkpoint is not None:
+            self.load_denoiser(denoiser_checkpoint)
+
+    @staticmethod
+    def _check_backbone(model: nn.Module) -> None:
+        needed = ('patch_embed', 'blocks', 'norm', 'num_prefix_tokens', 'forward_intermediates')
+        missing = [a for a in needed if not hasattr(model, a)]
+        if missing or not hasattr(model.patch_embed, 'patch_size'):
+            raise ValueError(
+                f'{type(model).__name__} is not a ViT with patch tokens (missing {missing or ["patch_size"]}): '
+                f'{_SUPPORTED}')
+
+    # ----------------------------------------------------------------- switches
+    @property
+    def denoising(self) -> bool:
+        """Whether the denoiser is applied (read-only; use `denoise()`)."""
+        return self._denoising
+
+    def denoise(self, enabled: bool = True) -> 'DenoisedViT':
+        """Turn the denoiser on or off; returns the model."""
+        if enabled and self.denoiser is None:
+            raise RuntimeError('the denoiser was pruned away with the last block; it cannot be enabled')
+        self._denoising = bool(enabled)
+        return self
+
+    def train(self, mode: bool = True) -> 'DenoisedViT':
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # a frozen backbone never runs dropout or drop-path
+        return self
+
+    # ----------------------------------------------------------------- weights
+    def load_backbone_checkpoint(self, path: PathLike) -> None:
+        """Load a timm-layout backbone state dict (also unwraps `state_dict` / `model` entries and
+        `module.` / `model.` prefixes, as in the authors' distilled files)."""
+        sd = load_state_dict_file(path)
+        for key in ('state_dict', 'model'):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+        sd = _strip_prefix(_strip_prefix(sd, 'module.'), 'model.')
+        # timm's own filter converts original (e.g. Meta DINOv2) layouts and resizes position embeddings.
+        filter_fn = getattr(sys.modules[type(self.backbone).__module__], 'checkpoint_filter_fn', None)
+        try:
+            if filter_fn is not None:
+                sd = filter_fn(sd, self.backbone)
+            self.backbone.load_state_dict(sd, strict=True)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f'{path}: does not fit backbone {self.backbone_name or type(self.backbone).__name__}: {e}') from e
+
+    def denoiser_config(self) -> DenoiserConfig:
+        return DenoiserConfig(
+            backbone=self.backbone_name, embed_dim=self.embed_dim, num_heads=self.denoiser.num_heads,
+            grid_size=self.denoiser.grid_size, patch_size=self.patch_size)
+
+    def load_denoiser(self, path: PathLike) -> None:
+        """Load denoiser weights from an authors' `.pth` or our format, checking they fit this backbone."""
+        sd, cfg = read_denoiser_checkpoint(path)
+        mine = self.denoiser_config()
+        for name in ('embed_dim', 'grid_size', 'patch_size', 'num_heads'):
+            theirs = getattr(cfg, name)
+            if theirs and theirs != getattr(mine, name):
+                raise CheckpointError(
+                    f'{path}: denoiser {name} is {theirs} but backbone {self.backbone_name} needs {getattr(mine, name)}')
+        if cfg.backbone and self.backbone_name and backbone_arch(cfg.backbone) != backbone_arch(self.backbone_name):
+            raise CheckpointError(
+                f'{path}: denoiser was trained for backbone {cfg.backbone}, not {self.backbone_name}')
+        try:
+            self.denoiser.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f'{path}: denoiser weights do not fit: {e}') from e
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        if self.denoiser is None:
+            raise RuntimeError('this model has no denoiser to save')
+        write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
+
+    @classmethod
+    def _from_pretrained(
+            cls,
+            *,
+            model_id: str,
+            revision: Optional[str],
+            cache_dir: Optional[PathLike],
+            force_download: bool,
+            local_files_only: bool,
+            token: Optional[Union[str, bool]],
+            backbone_checkpoint: Optional[PathLike] = None,
+            **model_kwargs: Any,
+    ) -> 'DenoisedViT':
+        """`DenoisedViT.from_pretrained(repo_id_or_dir, backbone_checkpoint=None, revision=None)`.
+
+        Builds the backbone named in `config.json` (timm pretrained weights, or `backbone_checkpoint`)
+        and loads the denoiser. A local directory is read directly; a repo id goes through the Hub cache.
+        """
+        if os.path.isdir(model_id):
+            source = Path(model_id)
+        else:
+            source = fetch_denoiser(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token)
+        _, cfg = read_denoiser_checkpoint(source)
+        for name in DenoiserConfig.__dataclass_fields__:  # ModelHubMixin injects config.json entries
+            model_kwargs.pop(name, None)
+        return cls(cfg.backbone, pretrained=backbone_checkpoint is None, backbone_checkpoint=backbone_checkpoint,
+                   denoiser_checkpoint=source, grid_size=cfg.grid_size, **model_kwargs)
+
+    # ----------------------------------------------------------------- forward
+    def _grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        """Validate an image batch and return its patch grid (h, w)."""
+        if x.ndim != 4:
+            raise ValueError(f'expected images of shape (B, C, H, W), got {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})')
+        H, W = x.shape[-2:]
+        patch_embed = self.backbone.patch_embed
+        if not getattr(self.backbone, 'dynamic_img_size', False):
+            if (H, W) != tuple(patch_embed.img_size):
+                raise ValueError(
+                    f'this backbone takes only {patch_embed.img_size[0]}x{patch_embed.img_size[1]} images, got '
+                    f'{H}x{W}; create it with dynamic_img_size=True for other sizes')
+            return tuple(patch_embed.grid_size)
+        if not patch_embed.dynamic_img_pad and (H % self.patch_size or W % self.patch_size):
+            raise ValueError(
+                f'image size {H}x{W} is not a multiple of the patch size {self.patch_size}; resize it, '
+                'or create the model with dynamic_img_pad=True to pad')
+        return tuple(patch_embed.dynamic_feat_size((H, W)))
+
+    def _denoise_tokens(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Denoise the patch tokens of a normed token sequence (B, prefix + h*w, C)."""
+        n = self.num_prefix_tokens
+        patches = self.denoiser(x[:, n:], grid)
+        return torch.cat([x[:, :n], patches], dim=1) if n else patches
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + h*w, C) normed tokens as timm returns them, patch tokens denoised when on."""
+        grid = self._grid(x)
+        x = self.backbone.forward_features(x)
+        return self._denoise_tokens(x, grid) if self._denoising else x
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-layer dense features (B, C, h, w), denoised when on."""
+        h, w = self._grid(x)
+        tokens = self.forward_features(x)[:, self.num_prefix_tokens:]
+        return tokens.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The backbone's own head; it pools the class token, which the denoiser never changes."""
+        return self.backbone.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's classifier output (or pooled features when `num_classes=0`), on or off alike.
+
+        The head reads only the class token, so the denoiser is skipped here; dense outputs come from
+        `forward_features`, `feature_map` and `forward_intermediates`.
+        """
+        self._grid(x)
+        return self.backbone(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            **kwargs: Any,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """timm's `forward_intermediates`. With denoising on, the last block's entry is the denoised final
+        feature map (taken after the final norm, which the denoiser expects, whatever `norm` says), and the
+        final features are `forward_features`'s; every other entry is the backbone's own."""
+        grid = self._grid(x)
+        last = len(self.backbone.blocks) - 1
+        take_indices, max_index = feature_take_indices(last + 1, indices)
+        denoise_last = self._denoising and last in take_indices
+        denoise_final = self._denoising and not intermediates_only and (not stop_early or max_index == last)
+        if not (denoise_last or denoise_final):
+            return self.backbone.forward_intermediates(
+                x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+                output_fmt=output_fmt, intermediates_only=intermediates_only, **kwargs)
+
+        n = self.num_prefix_tokens
+        output_dict = kwargs.pop('output_dict', False)
+        final, inter = self.backbone.forward_intermediates(
+            x, indices=indices, return_prefix_tokens=bool(n), norm=norm, stop_early=stop_early,
+            output_fmt='NLC', intermediates_only=False, **kwargs)
+        if n:
+            patches, prefixes = [list(t) for t in zip(*inter)] if inter else ([], [])
+        else:
+            patches, prefixes = list(inter), [final[:, :0]] * len(inter)
+        final = self._denoise_tokens(final, grid)
+        if denoise_last:
+            prefixes[-1], patches[-1] = final[:, :n], final[:, n:]
+        if output_fmt == 'NCHW':
+            patches = [y.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
+        if output_dict:
+            out = {'image_intermediates': patches}
+            if return_prefix_tokens and n:
+                out['image_intermediates_prefix'] = prefixes
+            if not intermediates_only:
+                out['image_features'] = final
+            return out
+        intermediates = list(zip(patches, prefixes)) if return_prefix_tokens and n else patches
+        return intermediates if intermediates_only else (final, intermediates)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """timm's pruning; the final norm stays while the denoiser (which reads it) is kept."""
+        take_indices, _ = feature_take_indices(len(self.backbone.blocks), indices)
+        keeps_last = len(self.backbone.blocks) - 1 in take_indices
+        take_indices = self.backbone.prune_intermediate_layers(
+            indices, prune_norm=prune_norm and not keeps_last, prune_head=prune_head)
+        if not keeps_last:
+            self.denoiser, self._denoising = None, False
+        self.num_classes = self.backbone.num_classes
+        return take_indices
+
+    # ----------------------------------------------------------------- timm conveniences
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.backbone.reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        nwd = getattr(self.backbone, 'no_weight_decay', lambda: set())()
+        return {f'backbone.{k}' for k in nwd} | {'denoiser.pos_embed'}

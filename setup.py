@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = next(
+    line.split("'")[1] for line in (here / 'dvt_timm' / '__init__.py').read_text().splitlines()
+    if line.startswith('__version__'))
+
+setup(
+    name='dvt-timm',
+    version=version,
+    description='Denoising Vision Transformers (DVT) as a timm plug-in: clean dense ViT features',
+    long_description=(here / 'README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.9',
+    packages=find_packages(include=['dvt_timm', 'dvt_timm.*']),
+    install_requires=[
+        'torch>=2.1',
+        'timm>=1.0.15,<1.1',
+        'huggingface_hub>=0.23',
+        'safetensors>=0.4',
+        'numpy',
+        'pillow',
+        'tqdm',
+    ],
+    extras_require={
+        'dev': ['pytest>=7'],
+    },
+    entry_points={'console_scripts': ['dvt-timm=dvt_timm.cli:main']},
+    classifiers=[
+        'License :: OSI Approved :: Apache Software License',
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+)

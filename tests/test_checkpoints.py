@@ -1,0 +1,135 @@
+"""Checkpoint formats, the Hub path (offline, real huggingface_hub cache), errors and `dvt-timm convert`."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dvt_timm  # noqa: F401
+from dvt_timm import CheckpointError, DenoisedViT
+from dvt_timm.checkpoint import read_denoiser_checkpoint
+from dvt_timm.cli import main as cli_main
+from helpers import populate_hf_cache, write_authors_checkpoint
+
+
+@pytest.fixture()
+def authors_file(tmp_path):
+    path = tmp_path / 'vit_small_patch14_dinov2.lvd142m.pth'
+    return path, write_authors_checkpoint(path, C=384, grid=37)
+
+
+@torch.inference_mode()
+def test_save_and_from_pretrained_round_trip(tmp_path, vits_checkpoint, authors_file, photos):
+    model = DenoisedViT('vit_small_patch14_dinov2.lvd142m', backbone_checkpoint=vits_checkpoint,
+                        denoiser_checkpoint=authors_file[0]).eval()
+    out_dir = tmp_path / 'saved'
+    model.save_pretrained(out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    size = (out_dir / 'model.safetensors').stat().st_size
+    assert size < 12e6, size  # the denoiser only, never the backbone
+    config = json.loads((out_dir / 'config.json').read_text())
+    assert config == {'backbone': 'vit_small_patch14_dinov2.lvd142m', 'embed_dim': 384, 'format_version': 1,
+                      'grid_size': 37, 'num_heads': 6, 'patch_size': 14}
+    loaded = DenoisedViT.from_pretrained(out_dir, backbone_checkpoint=vits_checkpoint).eval()
+    assert torch.equal(loaded.forward_features(photos), model.forward_features(photos))
+    # the same directory also loads through the timm path
+    import timm
+    via_timm = timm.create_model('dvt_vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint,
+                                 denoiser_checkpoint=out_dir).eval()
+    assert torch.equal(via_timm.feature_map(photos), model.feature_map(photos))
+
+
+def test_hub_path_offline_from_cache(tmp_path, vits_checkpoint, authors_file):
+    """timm.create_model(pretrained=True) and from_pretrained(repo_id) resolve through huggingface_hub's
+    cache with HF_HUB_OFFLINE=1: an authors' file in `jjiaweiyang/DVT` and a repo in our format."""
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    cache = tmp_path / 'hf_cache'
+    populate_hf_cache(cache, 'jjiaweiyang/DVT', {'voc_denoised/vit_small_patch14_dinov2.lvd142m.pth': authors_file[0]})
+    populate_hf_cache(cache, 'someone/dvt-vits', {'config.json': ours / 'config.json',
+                                                 'model.safetensors': ours / 'model.safetensors'})
+    script = textwrap.dedent(f'''
+        import timm, torch, dvt_timm
+        from dvt_timm import DenoisedViT
+        m = timm.create_model('dvt_vit_small_patch14_dinov2', pretrained=True, backbone_checkpoint={str(vits_checkpoint)!r})
+        sd = torch.load({str(authors_file[0])!r}, weights_only=True)['denoiser']
+        assert torch.equal(m.denoiser.pos_embed, sd['pos_embed'])
+        assert torch.equal(m.denoiser.block.mlp.fc2.weight, sd['denoiser.mlp.fc2.weight'])
+        m2 = DenoisedViT.from_pretrained('someone/dvt-vits', backbone_checkpoint={str(vits_checkpoint)!r})
+        assert torch.equal(m2.denoiser.block.attn.qkv.weight, sd['denoiser.attn.qkv.weight'])
+        try:
+            timm.create_model('dvt_vit_base_patch14_dinov2', pretrained=True)
+        except Exception as e:
+            print('MISSING', type(e).__name__)
+        print('OK')
+    ''')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'hf_home'))
+    proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'OK' in proc.stdout
+    assert 'MISSING' in proc.stdout  # a file absent from the cache fails offline instead of reaching the network
+
+
+def test_mismatched_embed_dim_names_both_values(tmp_path):
+    path = tmp_path / 'vit_base_patch14_dinov2.lvd142m.pth'
+    write_authors_checkpoint(path, C=768, grid=37)
+    with pytest.raises(CheckpointError, match=r'embed_dim is 768 but backbone .* needs 384'):
+        DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=path)
+
+
+def test_mismatched_grid_names_both_values(tmp_path):
+    path = tmp_path / 'denoiser.pth'
+    write_authors_checkpoint(path, C=384, grid=32)
+    with pytest.raises(CheckpointError, match=r'grid_size is 32 but backbone .* needs 37'):
+        DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=path)
+
+
+def test_checkpoint_for_another_backbone(tmp_path, authors_file):
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    with pytest.raises(CheckpointError, match='trained for backbone vit_small_patch14_dinov2'):
+        DenoisedViT('vit_small_patch14_reg4_dinov2', denoiser_checkpoint=ours)
+
+
+@pytest.mark.parametrize('kind', ['pth', 'safetensors', 'config'])
+def test_corrupt_or_truncated_file_names_the_file(tmp_path, authors_file, kind):
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    target = {'pth': authors_file[0], 'safetensors': ours / 'model.safetensors', 'config': ours / 'config.json'}[kind]
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    source = authors_file[0] if kind == 'pth' else ours
+    with pytest.raises(CheckpointError, match=str(target.name)):
+        DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=source)
+
+
+def test_backbone_checkpoint_errors(tmp_path, vits_checkpoint):
+    with pytest.raises(CheckpointError, match='does not fit backbone vit_base_patch14_dinov2'):
+        DenoisedViT('vit_base_patch14_dinov2', backbone_checkpoint=vits_checkpoint)
+    with pytest.raises(FileNotFoundError, match='missing.safetensors'):
+        DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=tmp_path / 'missing.safetensors')
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'denoiser': {'pos_embed': torch.zeros(1, 4, 8)}, 'args': _Opaque()}, path)
+    with pytest.raises(CheckpointError, match='evil.pth'):
+        read_denoiser_checkpoint(path)
+
+
+class _Opaque:  # an arbitrary class: weights_only loading must refuse to unpickle it
+    pass
+
+
+def test_cli_convert(tmp_path, authors_file, capsys):
+    out = tmp_path / 'converted'
+    assert cli_main(['convert', str(authors_file[0]), str(out), '--model', 'dvt_vit_small_patch14_dinov2']) == 0
+    sd, cfg = read_denoiser_checkpoint(out)
+    assert cfg.backbone == 'vit_small_patch14_dinov2.lvd142m' and cfg.embed_dim == 384
+    assert torch.equal(sd['block.attn.proj.weight'], authors_file[1]['denoiser.attn.proj.weight'])
+    assert cli_main(['convert', str(authors_file[0]), str(tmp_path / 'bad'), '--model', 'vit_base_patch14_dinov2']) == 1
+    assert 'embed_dim is 384 but backbone vit_base_patch14_dinov2 needs 768' in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()

@@ -1,0 +1,156 @@
+"""DenoisedViT against the plain timm model: the real DINOv2-S backbone on the real sample photos."""
+from functools import partial
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import Block
+
+import dvt_timm  # noqa: F401  (registers the models)
+from dvt_timm import DenoisedViT
+from helpers import write_authors_checkpoint
+
+
+@pytest.fixture(scope='module')
+def authors_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('authors') / 'vit_small_patch14_dinov2.lvd142m.pth'
+    return path, write_authors_checkpoint(path, C=384, grid=37)
+
+
+@pytest.fixture(scope='module')
+def model(vits_checkpoint, authors_file):
+    return DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint,
+                       denoiser_checkpoint=authors_file[0]).eval()
+
+
+INTERMEDIATE_ARGS = [
+    dict(),
+    dict(indices=3, norm=True),
+    dict(indices=[0, 5, 11], return_prefix_tokens=True, output_fmt='NLC'),
+    dict(indices=2, norm=True, intermediates_only=True),
+    dict(indices=[4], stop_early=True),
+    dict(indices=1, norm=True, output_dict=True, return_prefix_tokens=True),
+]
+
+
+def _flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flatten(out[k])]
+    return [t for o in out for t in _flatten(o)]
+
+
+@torch.inference_mode()
+def test_denoise_off_is_bit_identical(model, plain_vits, photos):
+    model.denoise(False)
+    assert not model.denoising
+    assert torch.equal(model.forward_features(photos), plain_vits.forward_features(photos))
+    assert torch.equal(model(photos), plain_vits(photos))
+    fmap = plain_vits.forward_intermediates(photos, indices=1, norm=True, intermediates_only=True)[0]
+    assert torch.equal(model.feature_map(photos), fmap)
+    for kwargs in INTERMEDIATE_ARGS:
+        ours, theirs = _flatten(model.forward_intermediates(photos, **kwargs)), _flatten(
+            plain_vits.forward_intermediates(photos, **kwargs))
+        assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs)), kwargs
+    model.denoise(True)
+
+
+@torch.inference_mode()
+def test_denoise_on_changes_only_patch_tokens(model, plain_vits, photos):
+    assert model.denoise(True) is model and model.denoising
+    raw, out = plain_vits.forward_features(photos), model.forward_features(photos)
+    assert out.shape == raw.shape == (5, 1 + 19 * 25, 384)
+    assert torch.equal(out[:, :1], raw[:, :1])  # class token untouched
+    changed = (out[:, 1:] - raw[:, 1:]).abs().amax(-1) > 1e-3
+    assert changed.all()  # every patch token goes through the denoiser
+    assert torch.equal(model(photos), plain_vits(photos))  # the head reads the class token only
+    fmap = model.feature_map(photos)
+    assert fmap.shape == (5, 384, 19, 25)
+    assert torch.equal(fmap.flatten(2).transpose(1, 2), out[:, 1:])
+
+
+@torch.inference_mode()
+def test_intermediates_denoise_last_block_only(model, plain_vits, photos):
+    final, inter = model.forward_intermediates(photos, indices=[3, 11], return_prefix_tokens=True)
+    ref_final, ref_inter = plain_vits.forward_intermediates(photos, indices=[3, 11], return_prefix_tokens=True)
+    assert torch.equal(inter[0][0], ref_inter[0][0]) and torch.equal(inter[0][1], ref_inter[0][1])
+    assert torch.equal(final, model.forward_features(photos))
+    assert torch.equal(inter[1][0], model.feature_map(photos))
+    assert torch.equal(inter[1][1], ref_final[:, :1])  # prefix of the last entry: normed, unchanged
+    # Intermediates that stop before the last block are the backbone's own, even with denoising on.
+    early = model.forward_intermediates(photos, indices=[2], stop_early=True, intermediates_only=True)
+    assert torch.equal(early[0], plain_vits.forward_intermediates(
+        photos, indices=[2], stop_early=True, intermediates_only=True)[0])
+
+
+@torch.inference_mode()
+def test_authors_file_matches_weights_loaded_by_hand(model, plain_vits, photos, authors_file):
+    """The authors' structure is timm's Block (LayerNorm eps 1e-6, qkv bias, GELU, ratio 4) after adding
+    the bicubically resized position embedding; load the file's tensors into it by hand."""
+    _, sd = authors_file
+    block = Block(dim=384, num_heads=6, mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    block.load_state_dict({k[len('denoiser.'):]: v for k, v in sd.items() if k.startswith('denoiser.')}, strict=True)
+    pos = timm.layers.resample_abs_pos_embed(sd['pos_embed'], (19, 25), num_prefix_tokens=0)
+    raw = plain_vits.forward_features(photos)
+    expected = block.eval()(raw[:, 1:] + pos)
+    torch.testing.assert_close(model.forward_features(photos)[:, 1:], expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_features_only_keeps_the_denoiser(vits_checkpoint, authors_file, photos):
+    feats = timm.create_model('dvt_vit_small_patch14_dinov2', features_only=True, backbone_checkpoint=vits_checkpoint,
+                              denoiser_checkpoint=authors_file[0]).eval()
+    full = timm.create_model('dvt_vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint,
+                             denoiser_checkpoint=authors_file[0]).eval()
+    outs = feats(photos)
+    assert len(outs) == 3 and feats.feature_info.channels() == [384] * 3
+    assert feats.model.denoiser is not None
+    torch.testing.assert_close(outs[-1], full.feature_map(photos))
+    # Pruning to early layers drops the denoiser and the blocks after them.
+    early = timm.create_model('dvt_vit_small_patch14_dinov2', features_only=True, out_indices=(2, 4))
+    assert early.model.denoiser is None and len(early.model.backbone.blocks) == 5
+    assert [o.shape[1] for o in early(photos)] == [384, 384]
+
+
+def test_input_checks(model, photos):
+    with pytest.raises(ValueError, match='3 input channels, got 1'):
+        model.feature_map(photos[:, :1])
+    with pytest.raises(ValueError, match='multiple of the patch size 14'):
+        model.feature_map(photos[:, :, :260])
+    with pytest.raises(ValueError, match='shape'):
+        model.feature_map(photos[0])
+
+
+@torch.inference_mode()
+def test_padding_on_request(vits_checkpoint):
+    model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint, dynamic_img_pad=True).eval()
+    assert model.feature_map(torch.randn(1, 3, 260, 300)).shape == (1, 384, 19, 22)
+
+
+def test_unsupported_backbone_is_rejected():
+    with pytest.raises(ValueError, match='not a ViT with patch tokens'):
+        DenoisedViT('resnet18')
+
+
+@torch.inference_mode()
+def test_wraps_an_instance(plain_vits, photos):
+    model = DenoisedViT(plain_vits).denoise(False)
+    assert torch.equal(model.feature_map(photos)[:, :, 0, 0], plain_vits.forward_features(photos)[:, 1])
+    fixed = timm.create_model('vit_small_patch14_dinov2', img_size=224)
+    with pytest.raises(ValueError, match='dynamic_img_size=True'):
+        DenoisedViT(fixed).feature_map(photos)
+
+
+def test_eva_family_off_is_identical():
+    torch.manual_seed(0)
+    model = DenoisedViT('eva02_base_patch16_clip_224', num_classes=0).eval()
+    plain = timm.create_model('eva02_base_patch16_clip_224', num_classes=0, dynamic_img_size=True).eval()
+    plain.load_state_dict(model.backbone.state_dict())
+    x = torch.randn(1, 3, 160, 224)
+    with torch.inference_mode():
+        assert torch.equal(model.denoise(False).forward_features(x), plain.forward_features(x))
+        out = model.denoise(True).forward_intermediates(x, indices=2, norm=True, return_prefix_tokens=True)
+        ref = plain.forward_intermediates(x, indices=2, norm=True, return_prefix_tokens=True)
+        assert torch.equal(out[1][0][0], ref[1][0][0]) and not torch.equal(out[1][1][0], ref[1][1][0])
+        assert torch.equal(out[0][:, :1], ref[0][:, :1])

@@ -1,0 +1,44 @@
+"""timm registration: names, pretrained tags, data config, and a forward pass for every model."""
+import pytest
+import timm
+import torch
+
+import dvt_timm  # noqa: F401
+from dvt_timm.registry import AUTHORS_HUB_REPO, backbone_for
+
+REQUIRED = [
+    'dvt_vit_small_patch14_dinov2', 'dvt_vit_base_patch14_dinov2', 'dvt_vit_large_patch14_dinov2',
+    'dvt_vit_small_patch14_reg4_dinov2', 'dvt_vit_base_patch14_reg4_dinov2', 'dvt_vit_large_patch14_reg4_dinov2',
+    'dvt_vit_base_patch16_224', 'dvt_vit_base_patch16_clip_384', 'dvt_eva02_base_patch16_clip_224',
+    'dvt_deit3_base_patch16_224',
+]
+
+
+def test_names_and_pretrained_tags():
+    names = timm.list_models('dvt_*')
+    assert set(REQUIRED) <= set(names)
+    released = timm.list_models('dvt_*', pretrained=True)
+    assert {'dvt_vit_base_patch16_224.dino_voc', 'dvt_vit_base_patch16_224.mae_voc',
+            'dvt_vit_base_patch14_dinov2.lvd142m_voc', 'dvt_vit_base_patch14_dinov2.lvd142m_imgnet'} <= set(released)
+    assert all(any(r.startswith(n + '.') for r in released) for n in names)
+    cfg = timm.get_pretrained_cfg('dvt_vit_base_patch14_dinov2.lvd142m_imgnet')
+    assert (cfg.hf_hub_id, cfg.hf_hub_filename) == (AUTHORS_HUB_REPO, 'imgnet_denoised/vit_base_patch14_dinov2.lvd142m.pth')
+    assert backbone_for('dvt_vit_base_patch16_224.mae_voc') == 'vit_base_patch16_224.mae'
+    assert backbone_for('dvt_vit_base_patch16_224') == 'vit_base_patch16_224.dino'  # first tag is the default
+
+
+@pytest.mark.parametrize('name', sorted(timm.list_models('dvt_*')))
+@torch.inference_mode()
+def test_builds_and_runs(name):
+    model = timm.create_model(name, pretrained=False).eval()
+    patch = model.patch_size
+    data_cfg = timm.data.resolve_model_data_config(model)
+    backbone_cfg = timm.get_pretrained_cfg(backbone_for(name))
+    assert data_cfg['input_size'] == (3, 518, 518) if patch == 14 else (3, 512, 512)
+    assert data_cfg['mean'] == backbone_cfg.mean and data_cfg['std'] == backbone_cfg.std
+    size = data_cfg['input_size'][1:]
+    non_square = (448, 644) if patch == 14 else (448, 640)
+    for h, w in (size, non_square):
+        fmap = model.feature_map(torch.randn(1, 3, h, w))
+        assert fmap.shape == (1, model.embed_dim, h // patch, w // patch)
+        assert torch.isfinite(fmap).all()
