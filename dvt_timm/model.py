@@ -276,6 +276,18 @@ class DenoisedViT(
         tokens = self.forward_features(x)[:, self.num_prefix_tokens:]
         return tokens.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
+    def raw_and_denoised(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Both final-layer feature maps (B, C, h, w) from one backbone pass: the raw ones and the
+        denoised ones (whatever `denoising` says), for comparisons and for training targets."""
+        if self.denoiser is None:
+            raise RuntimeError('this model has no denoiser (it was pruned away)')
+        grid = self._grid(x)
+        tokens = self.backbone.forward_features(x)
+        n = self.num_prefix_tokens
+        raw, clean = tokens[:, n:], self.denoiser(tokens[:, n:], grid)
+        to_map = lambda t: t.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        return to_map(raw), to_map(clean)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The backbone's own head; it pools the class token, which the denoiser never changes."""
         return self.backbone.forward_head(x, pre_logits=pre_logits)

@@ -68,6 +68,10 @@ def test_denoise_on_changes_only_patch_tokens(model, plain_vits, photos):
     fmap = model.feature_map(photos)
     assert fmap.shape == (5, 384, 19, 25)
     assert torch.equal(fmap.flatten(2).transpose(1, 2), out[:, 1:])
+    raw_map, clean_map = model.raw_and_denoised(photos)
+    assert torch.equal(clean_map, fmap)
+    assert torch.equal(raw_map, model.denoise(False).feature_map(photos))
+    model.denoise(True)
 
 
 @torch.inference_mode()

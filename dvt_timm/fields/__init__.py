@@ -1,0 +1,1 @@
+"""Stage 1: per-image neural-field decomposition of ViT features (DVT section 3)."""
