@@ -7,7 +7,7 @@ from typing import List, Optional
 __all__ = ['main']
 
 
-def _backbone_id(name: str) -> str:
+def backbone_id(name: str) -> str:
     """Accept a timm backbone id or a registered `dvt_*` name."""
     from .registry import backbone_for
     return backbone_for(name) if name.startswith('dvt_') else name
@@ -15,7 +15,7 @@ def _backbone_id(name: str) -> str:
 
 def _convert(args: argparse.Namespace) -> None:
     from .model import DenoisedViT
-    model = DenoisedViT(_backbone_id(args.model), denoiser_checkpoint=args.src)
+    model = DenoisedViT(backbone_id(args.model), denoiser_checkpoint=args.src)
     model.save_pretrained(args.out_dir)
     print(f'wrote {args.out_dir} (denoiser for {model.backbone_name})')
 
@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('out_dir', help='output directory')
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name the denoiser belongs to')
     p.set_defaults(func=_convert)
+
+    from .fields.commands import add_denoise_images_parser
+    from .training.commands import add_train_denoiser_parser
+    add_denoise_images_parser(sub)
+    add_train_denoiser_parser(sub)
     return parser
 
 

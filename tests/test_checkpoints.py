@@ -133,3 +133,12 @@ def test_cli_convert(tmp_path, authors_file, capsys):
     assert cli_main(['convert', str(authors_file[0]), str(tmp_path / 'bad'), '--model', 'vit_base_patch14_dinov2']) == 1
     assert 'embed_dim is 384 but backbone vit_base_patch14_dinov2 needs 768' in capsys.readouterr().err
     assert not (tmp_path / 'bad').exists()
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, authors_file):
+    old = os.umask(0o022)
+    try:
+        DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(tmp_path / 'o')
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / 'o').iterdir()} == {'0o644'}

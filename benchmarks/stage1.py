@@ -1,0 +1,95 @@
+"""Stage-1 speed, in one run.
+
+* CPU: seconds per image of the `fast` preset on ViT-S/14 at 448 px (real photos from $DVT_SHARED when
+  set, else the bundled sample photos), split into feature extraction and field optimisation.
+* CUDA GPU, when present: the paper's settings (768 views, 20k iterations, 518 px) on
+  vit_base_patch14_dinov2 with random weights (timing only), amortised over a batch of images; and
+  the fused Triton hash-grid kernel against the PyTorch reference, forward and backward.
+
+    python benchmarks/stage1.py [--cpu-images 4] [--gpu-images 16] [--threads N]
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dvt_timm import DenoisedViT
+from dvt_timm.data import image_to_tensor, list_images, load_image
+from dvt_timm.fields import PRESETS, decompose, extract_view_features, image_seed, render_views, sample_views, view_coords
+
+sys.path.insert(0, str(Path(__file__).parent))
+from encoding import bench_encoding, format_result  # noqa: E402
+
+
+def _photos(n: int):
+    shared = os.environ.get('DVT_SHARED')
+    folder = Path(shared, 'data', 'train_images') if shared else Path(__file__).parents[1] / 'examples' / 'assets'
+    return list_images(folder)[:n]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extract_batch: int = 32) -> dict:
+    """Wall seconds for extraction and optimisation of `images` (PIL or (3, S, S) tensors) as one batch."""
+    backbone = model.backbone.to(device).eval()
+    size, K = settings.image_size, settings.image_size // model.patch_size
+    mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
+    amp = device.type == 'cuda' if settings.amp is None else settings.amp
+    seeds = [image_seed(settings.seed, str(k)) for k in range(len(images))]
+    _sync(device)
+    t0 = time.perf_counter()
+    feats, coords = [], []
+    for img, seed in zip(images, seeds):
+        views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed))
+        x = img if isinstance(img, torch.Tensor) else image_to_tensor(img, size, mean, std)
+        f = extract_view_features(backbone, render_views(x, views), extract_batch, amp)
+        feats.append(f.to(torch.bfloat16) if device.type == 'cuda' else f)
+        coords.append(view_coords(views, size, K))
+    _sync(device)
+    t1 = time.perf_counter()
+    decompose(torch.stack(feats), torch.stack(coords).to(device), seeds, settings)
+    _sync(device)
+    t2 = time.perf_counter()
+    n = len(images)
+    return dict(extract=(t1 - t0) / n, optimise=(t2 - t1) / n, total=(t2 - t0) / n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--cpu-images', type=int, default=4, help='images in the CPU batch')
+    parser.add_argument('--gpu-images', type=int, default=16, help='images in the GPU batch (paper settings)')
+    parser.add_argument('--threads', type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    fast = PRESETS['fast']
+    model = DenoisedViT('vit_small_patch14_dinov2')
+    photos = [load_image(p) for p in _photos(args.cpu_images)]
+    r = time_stage1(model, photos, fast, torch.device('cpu'))
+    print(f'CPU ({torch.get_num_threads()} threads), preset fast on vit_small_patch14_dinov2 at {fast.image_size} px, '
+          f'{fast.n_views} views, {fast.iterations} iterations, batch of {len(photos)} images:')
+    print(f'  {r["total"]:.1f} s/image  (extraction {r["extract"]:.1f} s, optimisation {r["optimise"]:.1f} s)')
+
+    if not torch.cuda.is_available():
+        print('no CUDA GPU: the paper-settings GPU timing and the fused-kernel ratio were not measured')
+        return
+    device = torch.device('cuda')
+    paper = PRESETS['paper'].with_overrides(image_size=518)
+    big = DenoisedViT('vit_base_patch14_dinov2')
+    images = [torch.randn(3, 518, 518) for _ in range(args.gpu_images)]
+    r = time_stage1(big, images, paper, device, extract_batch=64)
+    print(f'{torch.cuda.get_device_name()}: paper settings ({paper.n_views} views, {paper.iterations} iterations, '
+          f'518 px) on vit_base_patch14_dinov2, batch of {len(images)} images:')
+    print(f'  {r["total"]:.2f} s/image amortised  (extraction {r["extract"]:.2f} s, optimisation {r["optimise"]:.2f} s)')
+    print(format_result(bench_encoding(device, n_fields=32, n_samples=2048)))
+
+
+if __name__ == '__main__':
+    main()

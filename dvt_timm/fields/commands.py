@@ -1,0 +1,74 @@
+"""`dvt-timm denoise-images`: stage 1 over an image folder or list file."""
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data import list_images
+from .decomposition import PRESETS
+from .folder import denoise_folder
+from .pipeline import resolve_settings
+
+__all__ = ['add_denoise_images_parser']
+
+_logger = logging.getLogger(__name__)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from ..cli import backbone_id
+    from ..model import DenoisedViT
+    images = list_images(args.images)
+    if not images:
+        raise ValueError(f'no images found in {args.images}')
+    name = backbone_id(args.model)
+    model = DenoisedViT(name, pretrained=args.backbone_checkpoint is None, backbone_checkpoint=args.backbone_checkpoint)
+    device = torch.device(args.device) if args.device else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device('cuda', int(__import__('os').environ.get('LOCAL_RANK', 0)))
+    overrides = dict(n_views=args.views, iterations=args.iterations, samples_per_step=args.samples_per_step,
+                     lr=args.lr, image_size=args.image_size, seed=args.seed, amp=args.amp)
+    settings = resolve_settings(PRESETS[args.preset].with_overrides(**overrides), model.patch_size)
+    visuals = None
+    if args.save_visuals:
+        from .visuals import save_stage1_visuals
+        visuals = save_stage1_visuals
+    summary = denoise_folder(
+        model, images, Path(args.out), settings, model.backbone_name, batch_images=args.batch_images,
+        dtype=torch.float16 if args.dtype == 'fp16' else torch.float32, device=device, backend=args.backend,
+        visuals=visuals)
+    print(f'stage 1: {summary}')
+    for failure in summary.failed:
+        print(f'  failed: {failure}')
+
+
+def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        'denoise-images', help='stage 1: per-image neural-field denoising of a folder of images',
+        description='Decompose each image\'s ViT features into clean semantics F, a shared positional artifact '
+                    'G and a residual, writing <stem>.safetensors (raw, denoised) per image. Re-running skips '
+                    'finished images; under torchrun each rank takes its share.')
+    p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name')
+    p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (default: timm pretrained)')
+    p.add_argument('--images', required=True, help='image folder or text file listing image paths')
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--preset', choices=sorted(PRESETS), default='paper',
+                   help="'paper': the paper's settings (GPU); 'fast': CPU preset (see docs/stage1.md)")
+    p.add_argument('--save-visuals', action='store_true', help='also write a PNG per image: image, PCA of raw, '
+                   'PCA of F, G, |Δ|')
+    g = p.add_argument_group('settings (override the preset)')
+    g.add_argument('--views', type=int, help='random views per image (plus the full image)')
+    g.add_argument('--iterations', type=int)
+    g.add_argument('--samples-per-step', type=int)
+    g.add_argument('--lr', type=float)
+    g.add_argument('--image-size', type=int, help='squash-resize side (multiple of the patch size)')
+    g.add_argument('--seed', type=int)
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='bf16 autocast for feature extraction (default: preset / on for CUDA)')
+    r = p.add_argument_group('run')
+    r.add_argument('--batch-images', type=int, default=4, help='images optimised together')
+    r.add_argument('--dtype', choices=('fp16', 'fp32'), default='fp16', help='stored feature precision')
+    r.add_argument('--device', help='default: cuda:LOCAL_RANK when available, else cpu')
+    r.add_argument('--backend', choices=('auto', 'torch', 'triton', 'tcnn'), default='auto',
+                   help='hash-grid encoding backend')
+    p.set_defaults(func=_run)

@@ -1,0 +1,225 @@
+"""Per-image decomposition y ≈ F(global coords) + G(view-local position) + Δ(y), many images at once.
+
+F is a hash-grid neural field with a 2-layer MLP, G a learnable K x K map shared by all views of an
+image, Δ an MLP on the raw feature (REFERENCE §1). Every image has its own parameters; the images of a
+batch are stacked along a leading dimension so one optimisation step runs them all with a handful of
+batched kernels. Their losses are summed, so each image's gradients, Adam updates and result are those
+of optimising it alone, and each image's randomness (views, init, samples) comes from its own seed:
+a result depends on the image and the seed only.
+"""
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoding import HashGridConfig, MultiHashGrid
+
+__all__ = [
+    'FieldSettings', 'PRESETS', 'ImageFields', 'Decomposition', 'decompose', 'distance', 'image_seed',
+    'sample_indices',
+]
+
+
+@dataclass(frozen=True)
+class FieldSettings:
+    """Stage-1 settings; the defaults are the paper's (REFERENCE §1)."""
+    image_size: Optional[int] = None  # None: 518 for patch 14, 512 otherwise
+    n_views: int = 768  # random views, plus the full image
+    iterations: int = 20000
+    samples_per_step: int = 2048  # patch samples per image and step, drawn from all its views
+    lr: float = 0.01
+    betas: Tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 1e-5
+    warmup_frac: float = 0.1  # linear warm-up, then cosine ...
+    final_lr_frac: float = 0.1  # ... to lr * final_lr_frac (official code: 1e-2 -> 1e-3)
+    residual_weight: float = 0.1  # phase 2: weight of MSE(Δ, sg(y - F - G))
+    sparsity_weight: float = 0.02  # phase 2: weight of mean |Δ|
+    hash: HashGridConfig = field(default_factory=HashGridConfig)
+    crop_scale: Tuple[float, float] = (0.1, 0.5)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    amp: Optional[bool] = None  # bf16 autocast for feature extraction; None: on for CUDA only
+    seed: int = 0
+
+    def with_overrides(self, **overrides) -> 'FieldSettings':
+        """A copy with the given (non-None) settings changed."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+PRESETS = {
+    'paper': FieldSettings(),
+    # CPU preset: 448 px, fewer views and steps, a hash grid sized to the 32x32 feature grid's detail
+    # (crops zoom in at most ~3x, so a 256-cell finest level is ample), bf16 extraction (about 1.8x
+    # faster on CPUs with bf16 units). Its quality/time trade-off is measured in docs/stage1.md.
+    'fast': FieldSettings(
+        image_size=448, n_views=24, iterations=600, samples_per_step=2048, amp=True,
+        hash=HashGridConfig(n_levels=8, n_features_per_level=8, log2_hashmap_size=15, base_resolution=16,
+                            finest_resolution=256)),
+}
+
+_MASK63 = (1 << 63) - 1
+
+
+def image_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for one image, from the run seed and the image's key (e.g. its file stem)."""
+    return int.from_bytes(hashlib.blake2b(f'{seed}:{key}'.encode(), digest_size=8).digest(), 'little') & _MASK63
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (multiplication wraps; shifts are made logical by masking)."""
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def sample_indices(seeds: torch.Tensor, step: int, n: int, high: int) -> torch.Tensor:
+    """(B, n) uniform indices in [0, high): counter-based, so image b's draws depend only on
+    (seeds[b], step) — not on the batch it is in, nor on any RNG state."""
+    counter = torch.arange(n, device=seeds.device, dtype=torch.int64) + step * n
+    x = _mix64(seeds[:, None] * -7046029254386353131 + counter[None])  # 0x9e3779b97f4a7c15
+    return (x & _MASK63) % high
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """DVT's distance per image: MSE + (1 - mean cosine) over the channel dim; (B, N, C) -> (B,)."""
+    return (a - b).square().mean((1, 2)) + 1 - F.cosine_similarity(a, b, dim=-1).mean(1)
+
+
+class BatchedLinear(nn.Module):
+    """One linear layer per image: (B, N, in) -> (B, N, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+
+    def reset_image(self, b: int, generator: torch.Generator) -> None:
+        bound = 1 / math.sqrt(self.weight.shape[1])  # nn.Linear's default init
+        for p in (self.weight, self.bias):
+            p.data[b] = (torch.rand(p.shape[1:], generator=generator) * 2 - 1) * bound
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class ImageFields(nn.Module):
+    """F, G and Δ for `n_images` images with feature width C and a K x K patch grid."""
+
+    def __init__(self, seeds: Sequence[int], embed_dim: int, grid: int, hash_config: HashGridConfig,
+                 backend: str = 'auto') -> None:
+        super().__init__()
+        n, C = len(seeds), embed_dim
+        self.grid = grid
+        self.encoding = MultiHashGrid(hash_config, n_fields=n, backend=backend)
+        self.semantic = nn.ModuleList([BatchedLinear(n, hash_config.output_dim, C // 2), BatchedLinear(n, C // 2, C)])
+        self.artifact = nn.Parameter(torch.empty(n, grid * grid, C))
+        self.residual = nn.ModuleList([BatchedLinear(n, C, C // 4), BatchedLinear(n, C // 4, C // 4),
+                                       BatchedLinear(n, C // 4, C)])
+        for b, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(seed)
+            self.encoding.params.data[b] = (torch.rand(self.encoding.params.shape[1:], generator=g) * 2 - 1) * 1e-4
+            self.artifact.data[b] = torch.randn(self.artifact.shape[1:], generator=g) * 0.02
+            for layer in (*self.semantic, *self.residual):
+                layer.reset_image(b, g)
+
+    @staticmethod
+    def _mlp(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for k, layer in enumerate(layers):
+            x = layer(x if k == 0 else F.relu(x))
+        return x
+
+    def semantics(self, coords: torch.Tensor) -> torch.Tensor:
+        """F at image coordinates (B, N, 2) -> (B, N, C)."""
+        return self._mlp(self.semantic, self.encoding(coords))
+
+    def artifact_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """G at view-local patch positions (B, N) in [0, K*K) -> (B, N, C)."""
+        return torch.gather(self.artifact, 1, positions[..., None].expand(-1, -1, self.artifact.shape[-1]))
+
+    def residual_of(self, y: torch.Tensor) -> torch.Tensor:
+        """Δ of raw features (B, N, C)."""
+        return self._mlp(self.residual, y)
+
+
+@dataclass
+class Decomposition:
+    """Stage-1 results for a batch of images, each (B, K, K, C) on the CPU, fp32."""
+    raw: torch.Tensor  # backbone features of the full image
+    denoised: torch.Tensor  # F on the full-image grid
+    artifact: torch.Tensor  # G
+    residual: torch.Tensor  # Δ of the full image's raw features
+
+    def __getitem__(self, b: int) -> 'Decomposition':
+        return Decomposition(self.raw[b], self.denoised[b], self.artifact[b], self.residual[b])
+
+
+def _lr_lambda(settings: FieldSettings):
+    total, warmup = settings.iterations, max(int(settings.iterations * settings.warmup_frac), 1)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(total - warmup, 1)
+        return settings.final_lr_frac + (1 - settings.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+    return fn
+
+
+def decompose(
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        seeds: Sequence[int],
+        settings: FieldSettings,
+        backend: str = 'auto',
+        progress=None,
+) -> Decomposition:
+    """Fit F, G, Δ to each image's view features.
+
+    Args:
+        features: (B, V, K, K, C) raw features of each image's views; view 0 is the full image.
+        coords: (B, V, K, K, 2) image coordinates of those patches (`view_coords`).
+        seeds: one seed per image (`image_seed`), for its init and its patch samples.
+        settings: the optimisation settings.
+        backend: hash-grid backend ('auto', 'torch', 'triton', 'tcnn').
+        progress: optional callable(step) called every 100 steps.
+    """
+    B, V, K, _, C = features.shape
+    device = features.device
+    fields = ImageFields(seeds, C, K, settings.hash, backend).to(device)
+    opt = torch.optim.Adam(fields.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                           weight_decay=settings.weight_decay, fused=device.type == 'cuda')
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings))
+    feats = features.reshape(B, V * K * K, C)
+    xy = coords.reshape(B, V * K * K, 2).to(device)
+    seed_t = torch.tensor(seeds, dtype=torch.int64, device=device)
+    phase2_start = settings.iterations // 2
+
+    for step in range(settings.iterations):
+        idx = sample_indices(seed_t, step, settings.samples_per_step, V * K * K)
+        y = torch.gather(feats, 1, idx[..., None].expand(-1, -1, C)).float()
+        f = fields.semantics(torch.gather(xy, 1, idx[..., None].expand(-1, -1, 2)))
+        g = fields.artifact_at(idx % (K * K))
+        if step < phase2_start:
+            loss = distance(f + g, y)
+        else:  # phase 2: G frozen; Δ learns the residual, F sees it only as a constant
+            g = g.detach()
+            d = fields.residual_of(y)
+            loss = (distance(f + g + d.detach(), y)
+                    + settings.residual_weight * (d - (y - f - g).detach()).square().mean((1, 2))
+                    + settings.sparsity_weight * d.abs().mean((1, 2)))
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+        if progress is not None and (step + 1) % 100 == 0:
+            progress(step + 1)
+
+    with torch.no_grad():
+        full = xy[:, :K * K]  # view 0 is the full image: its coords are the full-image grid
+        raw = feats[:, :K * K].float()
+        out = Decomposition(raw, fields.semantics(full), fields.artifact, fields.residual_of(raw))
+    return Decomposition(*(t.reshape(B, K, K, C).float().cpu() for t in (
+        out.raw, out.denoised, out.artifact, out.residual)))

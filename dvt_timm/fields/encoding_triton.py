@@ -1,0 +1,184 @@
+"""Fused Triton kernels for `MultiHashGrid`: forward gather + bilinear blend, backward atomic scatter.
+
+One launch covers every field, sample and level: the grid is (cdiv(n_fields * N, BLOCK), n_levels),
+each program handling BLOCK consecutive (field, sample) rows at one level. Keeping the level in
+`program_id(1)`, as tiny-cuda-nn does, means the programs resident at any moment work on the same level
+of neighbouring samples, so coarse levels stay in L2. Each thread owns one row: its corner indices and
+weights are computed once, then the F features move as 16-byte vectors (chunks of 4 fp32), which keeps
+the per-row index vectors and the [BLOCK, 4] feature tiles in the same register layout (no shared-memory
+layout conversions; checked in the sm_90 PTX: v4 loads/stores and `atom.add.v4.f32`, no barriers).
+Index math is uint32 with wraparound, exactly like tcnn.
+
+Import this module only where triton is installed (`encoding.has_triton()` guards it). For CPU testing
+set ``TRITON_INTERPRET=1`` before triton is first imported and pass CPU tensors.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ['hash_grid_triton']
+
+
+@triton.jit
+def _level_corners(coords_ptr, table_ptr, scale_ptr, level, rows, mask):
+    """Entry indices (within the level) and bilinear weights of the 4 corners for each row at `level`."""
+    scale = tl.load(scale_ptr + level)
+    stride = tl.load(table_ptr + level * 4 + 0).to(tl.uint32)  # resolution on dense levels, 0 on hashed
+    size = tl.load(table_ptr + level * 4 + 1).to(tl.uint32)
+    hashed = tl.load(table_ptr + level * 4 + 3)
+
+    # One 8-byte (x, y) load per row.
+    xy = tl.load(coords_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :], mask=mask[:, None], other=0.0)
+    x, y = tl.split(xy)
+    # tcnn's pos_fract: pos = fmaf(scale, x, 0.5f); grid = (uint32_t)(int)floorf(pos); frac = pos - grid.
+    px = tl.fma(x, scale, 0.5)
+    py = tl.fma(y, scale, 0.5)
+    fx = tl.floor(px)
+    fy = tl.floor(py)
+    tx = px - fx
+    ty = py - fy
+    gx0 = fx.to(tl.int32).to(tl.uint32)
+    gy0 = fy.to(tl.int32).to(tl.uint32)
+    gx1 = gx0 + 1
+    gy1 = gy0 + 1
+
+    if hashed != 0:
+        # Coherent prime hash x*1 ^ y*2654435761 (uint32 wraparound). A hashed level's table is always
+        # 2**log2_hashmap_size long, so the modulo is a mask.
+        hmask = size - 1
+        hy0 = gy0 * 2654435761
+        hy1 = gy1 * 2654435761
+        i00 = (gx0 ^ hy0) & hmask
+        i10 = (gx1 ^ hy0) & hmask
+        i01 = (gx0 ^ hy1) & hmask
+        i11 = (gx1 ^ hy1) & hmask
+    else:
+        # Dense x + y*resolution; the modulo only bites at the x/y = 1 edge, where tcnn wraps around.
+        dy0 = gy0 * stride
+        dy1 = gy1 * stride
+        i00 = (gx0 + dy0) % size
+        i10 = (gx1 + dy0) % size
+        i01 = (gx0 + dy1) % size
+        i11 = (gx1 + dy1) % size
+
+    ux = 1.0 - tx
+    uy = 1.0 - ty
+    return i00, i10, i01, i11, ux * uy, tx * uy, ux * ty, tx * ty
+
+
+@triton.jit
+def _hash_grid_fwd_kernel(
+        coords_ptr, params_ptr, out_ptr, scale_ptr, table_ptr,
+        n_rows, n_samples, field_numel,
+        OUT_DIM: tl.constexpr, F: tl.constexpr, FV: tl.constexpr, BLOCK: tl.constexpr,
+):
+    level = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n_rows
+    mask2 = mask[:, None]
+
+    i00, i10, i01, i11, w00, w10, w01, w11 = _level_corners(coords_ptr, table_ptr, scale_ptr, level, rows, mask)
+    # Base pointer of each row's (field, level) table; int64 because n_fields * field_numel can pass 2**31.
+    offset = tl.load(table_ptr + level * 4 + 2).to(tl.int32)
+    field = rows // n_samples
+    tab = params_ptr + field.to(tl.int64) * field_numel + offset * F
+
+    out = out_ptr + rows.to(tl.int64) * OUT_DIM + level * F
+    # Features in chunks of at most 4 (one 16-byte vector): a [BLOCK, 4] tile maps one row per thread,
+    # the same as the per-row index vectors, so no shared-memory layout conversion is needed.
+    for c in tl.static_range(F // FV):
+        feat = c * FV + tl.arange(0, FV)
+        v00 = tl.load(tab[:, None] + (i00.to(tl.int32) * F)[:, None] + feat[None, :], mask=mask2, other=0.0)
+        v10 = tl.load(tab[:, None] + (i10.to(tl.int32) * F)[:, None] + feat[None, :], mask=mask2, other=0.0)
+        v01 = tl.load(tab[:, None] + (i01.to(tl.int32) * F)[:, None] + feat[None, :], mask=mask2, other=0.0)
+        v11 = tl.load(tab[:, None] + (i11.to(tl.int32) * F)[:, None] + feat[None, :], mask=mask2, other=0.0)
+        acc = w00[:, None] * v00
+        acc += w10[:, None] * v10
+        acc += w01[:, None] * v01
+        acc += w11[:, None] * v11
+        tl.store(out[:, None] + feat[None, :], acc, mask=mask2)
+
+
+@triton.jit
+def _hash_grid_bwd_kernel(
+        coords_ptr, grad_out_ptr, grad_params_ptr, scale_ptr, table_ptr,
+        n_rows, n_samples, field_numel,
+        OUT_DIM: tl.constexpr, F: tl.constexpr, FV: tl.constexpr, BLOCK: tl.constexpr,
+):
+    level = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n_rows
+    mask2 = mask[:, None]
+
+    i00, i10, i01, i11, w00, w10, w01, w11 = _level_corners(coords_ptr, table_ptr, scale_ptr, level, rows, mask)
+    offset = tl.load(table_ptr + level * 4 + 2).to(tl.int32)
+    field = rows // n_samples
+    tab = grad_params_ptr + field.to(tl.int64) * field_numel + offset * F
+
+    gout = grad_out_ptr + rows.to(tl.int64) * OUT_DIM + level * F
+    for c in tl.static_range(F // FV):
+        feat = c * FV + tl.arange(0, FV)
+        g = tl.load(gout[:, None] + feat[None, :], mask=mask2, other=0.0)
+        tl.atomic_add(tab[:, None] + (i00.to(tl.int32) * F)[:, None] + feat[None, :], w00[:, None] * g,
+                      mask=mask2, sem='relaxed')
+        tl.atomic_add(tab[:, None] + (i10.to(tl.int32) * F)[:, None] + feat[None, :], w10[:, None] * g,
+                      mask=mask2, sem='relaxed')
+        tl.atomic_add(tab[:, None] + (i01.to(tl.int32) * F)[:, None] + feat[None, :], w01[:, None] * g,
+                      mask=mask2, sem='relaxed')
+        tl.atomic_add(tab[:, None] + (i11.to(tl.int32) * F)[:, None] + feat[None, :], w11[:, None] * g,
+                      mask=mask2, sem='relaxed')
+
+
+_BLOCK = 128  # rows per program: one (field, sample) row per thread at 4 warps
+_NUM_WARPS = 4
+
+
+def _launch(kernel, n_rows: int, n_levels: int, n_feat: int, *args) -> None:
+    grid = (triton.cdiv(n_rows, _BLOCK), n_levels)
+    kernel[grid](*args, OUT_DIM=n_levels * n_feat, F=n_feat, FV=min(n_feat, 4), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients flow to `params` only (coordinates are fixed inputs)."""
+
+    @staticmethod
+    def forward(ctx, params: Tensor, coords: Tensor, level_scale: Tensor, level_table: Tensor) -> Tensor:
+        n_fields, n_samples, _ = coords.shape
+        n_levels = level_scale.shape[0]
+        n_feat = params.shape[-1]
+        n_rows = n_fields * n_samples
+        if n_rows >= 2 ** 31:
+            raise ValueError(f'n_fields * N = {n_rows} must be < 2**31')
+        coords = coords.to(torch.float32).contiguous()
+        params = params.contiguous()
+        out = torch.empty(n_fields, n_samples, n_levels * n_feat, device=coords.device, dtype=torch.float32)
+        if n_rows:
+            _launch(_hash_grid_fwd_kernel, n_rows, n_levels, n_feat,
+                    coords, params, out, level_scale, level_table, n_rows, n_samples, params.shape[1] * n_feat)
+        ctx.save_for_backward(coords, level_scale, level_table)
+        ctx.params_shape = params.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        coords, level_scale, level_table = ctx.saved_tensors
+        grad_params = None
+        if ctx.needs_input_grad[0]:
+            n_fields, n_samples, _ = coords.shape
+            n_levels = level_scale.shape[0]
+            n_feat = ctx.params_shape[-1]
+            n_rows = n_fields * n_samples
+            grad_out = grad_out.to(torch.float32).contiguous()
+            grad_params = torch.zeros(ctx.params_shape, device=grad_out.device, dtype=torch.float32)
+            if n_rows:
+                _launch(_hash_grid_bwd_kernel, n_rows, n_levels, n_feat, coords, grad_out, grad_params,
+                        level_scale, level_table, n_rows, n_samples, ctx.params_shape[1] * n_feat)
+        return grad_params, None, None, None
+
+
+def hash_grid_triton(params: Tensor, coords: Tensor, level_scale: Tensor, level_table: Tensor) -> Tensor:
+    """Fused multi-field hash-grid encoding; same contract as `encoding.hash_grid_torch` (fp32 params)."""
+    return _HashGridFunction.apply(params, coords, level_scale, level_table)

@@ -1,0 +1,153 @@
+"""Stage 1 over an image folder: one `<stem>.safetensors` per image, atomic, resumable, shardable.
+
+Images are taken in sorted order in fixed groups of `batch_images`, whose fields are optimised
+together. The grouping never depends on what is already done, so a resumed run recomputes a
+half-written group whole and its results are bit-identical to an uninterrupted run's. Under `torchrun`
+rank r takes groups r, r + W, r + 2W, ...; ranks share nothing, so one GPU per rank on any number of
+nodes works without a scheduler of ours.
+"""
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..checkpoint import atomic_write
+from ..data import load_image
+from .decomposition import Decomposition, FieldSettings, image_seed
+from .pipeline import denoise_images
+
+__all__ = ['STAGE1_FORMAT', 'FolderSummary', 'denoise_folder', 'output_path', 'read_stage1', 'write_stage1']
+
+_logger = logging.getLogger(__name__)
+STAGE1_FORMAT = 'dvt-timm-stage1'
+
+
+@dataclass
+class FolderSummary:
+    done: int = 0  # computed and written in this run
+    skipped: int = 0  # already present from an earlier run
+    failed: List[str] = field(default_factory=list)  # 'path: reason'
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        per = f'{self.seconds / self.done:.1f} s/image' if self.done else 'n/a s/image'
+        return f'{self.done} done, {self.skipped} skipped (already done), {len(self.failed)} failed, {per}'
+
+
+def output_path(out_dir: Path, image: Path) -> Path:
+    return out_dir / f'{image.stem}.safetensors'
+
+
+def write_stage1(path: Path, result: Decomposition, metadata: dict, dtype: torch.dtype = torch.float16) -> None:
+    """Write `raw` and `denoised` (h, w, C) with string metadata, atomically."""
+    tensors = {'raw': result.raw.to(dtype).contiguous(), 'denoised': result.denoised.to(dtype).contiguous()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_stage1(path: Path) -> tuple:
+    """(raw, denoised, metadata) of a stage-1 file; raw/denoised as (h, w, C) fp32."""
+    with safe_open(str(path), framework='pt') as f:
+        meta = f.metadata() or {}
+        if meta.get('format') != STAGE1_FORMAT:
+            raise ValueError(f'{path}: not a dvt-timm stage-1 file (format {meta.get("format")!r})')
+        return f.get_tensor('raw').float(), f.get_tensor('denoised').float(), meta
+
+
+def _rank_world() -> tuple:
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+
+def _remove_stale_temps(out_dir: Path, images: Sequence[Path]) -> None:
+    """Drop temp files a killed run left behind (only this rank's images: other ranks may be writing)."""
+    mine = {output_path(out_dir, p).name for p in images}
+    for tmp in out_dir.glob('.*.tmp'):
+        if any(tmp.name.startswith(f'.{name}.') for name in mine):
+            tmp.unlink(missing_ok=True)
+
+
+def denoise_folder(
+        model: torch.nn.Module,
+        images: Sequence[Path],
+        out_dir: Path,
+        settings: FieldSettings,
+        model_name: str,
+        batch_images: int = 4,
+        dtype: torch.dtype = torch.float16,
+        device: Optional[torch.device] = None,
+        backend: str = 'auto',
+        visuals: Optional[Callable[[Path, Path, Decomposition], None]] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+) -> FolderSummary:
+    """Run stage 1 on this rank's share of `images`, writing `out_dir/<stem>.safetensors` per image.
+
+    `visuals(image_path, png_path, result)`, if given, writes a PNG per image next to the outputs.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = {}
+    for p in images:
+        if p.stem in stems:
+            raise ValueError(f'two images share the output name {p.stem!r}: {stems[p.stem]} and {p}')
+        stems[p.stem] = p
+    if rank is None or world_size is None:
+        rank, world_size = _rank_world()
+    groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
+    mine = groups[rank::world_size]
+    _remove_stale_temps(out_dir, [p for g in mine for p in g])
+
+    summary = FolderSummary()
+    start = time.perf_counter()
+    bar = tqdm(total=sum(map(len, mine)), desc=f'stage 1 [rank {rank}/{world_size}]' if world_size > 1 else 'stage 1',
+               unit='img', dynamic_ncols=True)
+    for group in mine:
+        todo = [p for p in group if not output_path(out_dir, p).exists()]
+        summary.skipped += len(group) - len(todo)
+        bar.update(len(group) - len(todo))
+        if not todo:
+            continue
+        loaded, paths = [], []
+        for p in group:  # the whole group, done ones too: the grouping fixes the numerics
+            try:
+                loaded.append(load_image(p))
+                paths.append(p)
+            except ValueError as e:
+                summary.failed.append(str(e))
+                _logger.warning('skipping %s', e)
+                bar.update(1)
+        if not loaded:
+            continue
+
+        def progress(stage: str, value: int) -> None:
+            bar.set_postfix_str(f'{stage} {value}/{settings.iterations}' if stage == 'optimise' else stage)
+
+        results = denoise_images(model, loaded, settings, keys=[p.stem for p in paths], device=device,
+                                 backend=backend, progress=progress)
+        for p, result in zip(paths, results):
+            out = output_path(out_dir, p)
+            if out.exists():
+                continue
+            meta = {
+                'format': STAGE1_FORMAT, 'format_version': '1', 'model': model_name,
+                'input_size': f'{settings.image_size},{settings.image_size}', 'patch_size': str(
+                    settings.image_size // result.raw.shape[0]),
+                'image': str(p), 'image_seed': str(image_seed(settings.seed, p.stem)),
+                'settings': json.dumps(asdict(settings), sort_keys=True),
+            }
+            if visuals is not None:  # before the features: their file is what marks the image done
+                visuals(p, out.with_suffix('.png'), result)
+            write_stage1(out, result, meta, dtype)
+            summary.done += 1
+            bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary

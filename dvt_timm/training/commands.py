@@ -1,0 +1,113 @@
+"""The `train-denoiser` command: argparse wiring for `dvt_timm.training.train`.
+
+`add_train_denoiser_parser(subparsers)` registers the subcommand on the `dvt-timm` CLI;
+`python -m dvt_timm.training ...` (and `torchrun ... -m dvt_timm.training ...`) runs the same command
+without it.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .trainer import DEFAULT_EPOCHS, TrainConfig, train
+
+__all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'config_from_args', 'run_train_denoiser',
+           'build_parser', 'main']
+
+_DESCRIPTION = """\
+Train DVT's generalizable denoiser (stage 2) on a folder of stage-1 outputs.
+
+Defaults are the authors': AdamW, betas (0.9, 0.999), weight decay 1e-5, peak lr 2e-4*sqrt(batch/256),
+cosine schedule with 15% linear warm-up down to 1e-6, global batch 64, no augmentation. Writes to --out:
+config.json + model.safetensors (the denoiser in dvt-timm format) and README.md at the end;
+checkpoint.pt (training state, every --ckpt-every steps), log.jsonl and training_args.json.
+
+Several processes: torchrun --nproc_per_node N -m dvt_timm.training --data ... (gloo on the CPU, NCCL on
+GPUs); --batch-size stays the global batch and the result matches a one-process run.
+"""
+
+
+def add_train_denoiser_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the `train-denoiser` flags to a parser."""
+    p.add_argument('--data', required=True, help='folder of stage-1 <image>.safetensors files')
+    p.add_argument('--model', required=True,
+                   help='backbone timm id or dvt_* name; must be the backbone the stage-1 features came from')
+    p.add_argument('--out', required=True, help='output folder (checkpoint, log, final denoiser)')
+    length = p.add_mutually_exclusive_group()
+    length.add_argument('--epochs', type=int, default=None,
+                        help=f'passes over the training files (default {DEFAULT_EPOCHS})')
+    length.add_argument('--steps', type=int, default=None, help='optimiser steps (instead of --epochs)')
+    p.add_argument('--batch-size', type=int, default=64, help='global batch, split evenly over processes (default 64)')
+    p.add_argument('--lr', type=float, default=None, help='peak learning rate (default 2e-4*sqrt(batch/256))')
+    p.add_argument('--weight-decay', type=float, default=1e-5, help='AdamW weight decay (default 1e-5)')
+    p.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), metavar=('B1', 'B2'),
+                   help='AdamW betas (default 0.9 0.999)')
+    p.add_argument('--eps', type=float, default=1e-8, help='AdamW epsilon (default 1e-8)')
+    p.add_argument('--warmup-frac', type=float, default=0.15, help='fraction of steps of linear warm-up (default 0.15)')
+    p.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine (default 1e-6)')
+    p.add_argument('--val-frac', type=float, default=0.05,
+                   help='fraction of files held out for validation, chosen by --seed (default 0.05; 0: none)')
+    p.add_argument('--val-every', type=int, default=500,
+                   help='validate every N steps and at the end (default 500; 0: end only)')
+    p.add_argument('--ckpt-every', type=int, default=500,
+                   help='write checkpoint.pt every N steps and at the end (default 500; 0: end only)')
+    p.add_argument('--log-every', type=int, default=10, help='log the training loss every N steps (default 10)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the initialisation, the split and the data order')
+    p.add_argument('--workers', type=int, default=2, help='data-loading worker processes per process (default 2)')
+    p.add_argument('--device', default=None, help='cpu, cuda (default: cuda when available)')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast (CUDA only)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the run in --out from its checkpoint.pt (starts a new run if there is none)')
+    p.add_argument('--verify-data', action='store_true',
+                   help='read every stage-1 file in full when scanning and skip those holding NaN/Inf')
+    p.add_argument('--stop-after-steps', type=int, default=None, metavar='N',
+                   help='testing: kill this process (SIGKILL) right after step N, to exercise --resume')
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=args.data, model=args.model, out=args.out, epochs=args.epochs, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
+        eps=args.eps, warmup_frac=args.warmup_frac, min_lr=args.min_lr, val_frac=args.val_frac,
+        val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every, seed=args.seed,
+        workers=args.workers, device=args.device, amp=args.amp, resume=args.resume, verify_data=args.verify_data,
+        stop_after_steps=args.stop_after_steps)
+
+
+def run_train_denoiser(args: argparse.Namespace) -> None:
+    """Entry point of the subcommand (`func` of its parser)."""
+    summary = train(config_from_args(args))
+    if int(os.environ.get('RANK', '0')) == 0:
+        val = summary['val_loss']
+        print(f'wrote {summary["out"]} ({summary["backbone"]} denoiser, {summary["steps"]} steps, '
+              f'held-out loss {"n/a" if val is None else f"{val:.5f}"}, {len(summary["skipped"])} files skipped)')
+
+
+def add_train_denoiser_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `train-denoiser` on a subparsers object, with `func=run_train_denoiser`."""
+    p = subparsers.add_parser('train-denoiser', help='train the generalizable denoiser on stage-1 outputs (stage 2)',
+                              description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_denoiser_arguments(p)
+    p.set_defaults(func=run_train_denoiser)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stand-alone parser of `python -m dvt_timm.training`."""
+    p = argparse.ArgumentParser(prog='python -m dvt_timm.training', description=_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+    add_train_denoiser_arguments(p)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format='%(levelname)s %(message)s')
+    try:
+        run_train_denoiser(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f'dvt-timm train-denoiser: error: {e}', file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,256 @@
+"""Stage-1 outputs as a training set for the generalizable denoiser, and the batch order.
+
+A stage-1 folder holds one `<image stem>.safetensors` per image with tensors `raw` (the backbone's
+normed last-block patch tokens) and `denoised` (the stage-1 clean field F on the same grid), each
+(h, w, C) in fp16/bf16/fp32, plus metadata `format='dvt-timm-stage1'`, `format_version`, `model`,
+`input_size='H,W'`, `patch_size`. Files are checked at scan time from their headers alone (cheap for
+any folder size); a bad file is logged with the reason and skipped. Tensors load lazily per item.
+
+Files may come from different input sizes: items are batched only with items of the same patch grid
+(`global_batches`), so no padding or resizing is needed.
+"""
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import Dataset
+
+from ..checkpoint import backbone_arch
+
+__all__ = [
+    'STAGE1_FORMAT', 'STAGE1_FORMAT_VERSION', 'Stage1Error', 'Stage1Item', 'Stage1Scan', 'Stage1Dataset',
+    'scan_stage1', 'split_files', 'global_batches', 'steps_per_epoch', 'rank_slice', 'eval_batches',
+]
+
+_logger = logging.getLogger(__name__)
+
+STAGE1_FORMAT = 'dvt-timm-stage1'
+STAGE1_FORMAT_VERSION = 1
+_FLOAT_DTYPES = ('F16', 'BF16', 'F32')
+PathLike = Union[str, os.PathLike]
+
+
+class Stage1Error(ValueError):
+    """A stage-1 file or folder cannot be used for training."""
+
+
+@dataclass(frozen=True)
+class Stage1Item:
+    """One usable stage-1 file, described from its header."""
+    path: Path
+    model: str  # backbone timm id the features came from
+    grid: Tuple[int, int]  # patch grid (h, w)
+    embed_dim: int
+    patch_size: int
+
+
+@dataclass
+class Stage1Scan:
+    """The result of scanning a folder: usable items (sorted by name) and skipped files with reasons."""
+    items: List[Stage1Item]
+    skipped: List[Tuple[Path, str]]
+
+    @property
+    def model(self) -> str:
+        return self.items[0].model
+
+    @property
+    def embed_dim(self) -> int:
+        return self.items[0].embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.items[0].patch_size
+
+
+def _check_file(path: Path, verify: bool) -> Stage1Item:
+    """Validate one file from its header (and its values when `verify`); raises `Stage1Error`."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            if meta.get('format') != STAGE1_FORMAT:
+                raise Stage1Error(f'metadata format is {meta.get("format")!r}, not {STAGE1_FORMAT!r}')
+            try:
+                version = int(meta.get('format_version', ''))
+            except ValueError:
+                raise Stage1Error(f'metadata format_version {meta.get("format_version")!r} is not an integer')
+            if version > STAGE1_FORMAT_VERSION:
+                raise Stage1Error(
+                    f'format_version {version} is newer than this dvt-timm reads ({STAGE1_FORMAT_VERSION})')
+            missing = {'raw', 'denoised'} - keys
+            if missing:
+                raise Stage1Error(f'missing tensors {sorted(missing)} (has {sorted(keys)})')
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in ('raw', 'denoised')}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in ('raw', 'denoised')}
+            values = {k: f.get_tensor(k) for k in ('raw', 'denoised')} if verify else {}
+    except SafetensorError as e:
+        raise Stage1Error(f'not a readable safetensors file ({e})') from e
+    except OSError as e:
+        raise Stage1Error(f'cannot be read ({e})') from e
+    if not meta.get('model'):
+        raise Stage1Error('metadata has no backbone "model"')
+    if len(shapes['raw']) != 3 or min(shapes['raw']) < 1:
+        raise Stage1Error(f'raw has shape {shapes["raw"]}, expected (h, w, C)')
+    if shapes['raw'] != shapes['denoised']:
+        raise Stage1Error(f'raw {shapes["raw"]} and denoised {shapes["denoised"]} differ in shape')
+    bad = {k: v for k, v in dtypes.items() if v not in _FLOAT_DTYPES}
+    if bad:
+        raise Stage1Error(f'tensors must be fp16, bf16 or fp32, got {bad}')
+    try:
+        patch = int(meta['patch_size'])
+    except (KeyError, ValueError):
+        raise Stage1Error(f'metadata patch_size {meta.get("patch_size")!r} is not an integer')
+    h, w, C = shapes['raw']
+    size = meta.get('input_size', '')
+    try:
+        H, W = (int(s) for s in size.split(','))
+    except ValueError:
+        raise Stage1Error(f'metadata input_size {size!r} is not "H,W"')
+    # Floor or ceil: stage 1 may have padded a size that is not a multiple of the patch.
+    if h not in (H // patch, math.ceil(H / patch)) or w not in (W // patch, math.ceil(W / patch)):
+        raise Stage1Error(f'grid {h}x{w} does not match input_size {H}x{W} at patch {patch}')
+    for k, v in values.items():
+        if not torch.isfinite(v).all():
+            raise Stage1Error(f'{k} holds NaN or Inf values')
+    return Stage1Item(path=path, model=meta['model'], grid=(h, w), embed_dim=C, patch_size=patch)
+
+
+def scan_stage1(root: PathLike, model: Optional[str] = None, verify: bool = False, log: bool = True) -> Stage1Scan:
+    """Find and validate the stage-1 files directly in `root`.
+
+    Every bad file is skipped with its reason (logged when `log`). The folder's backbone, width and
+    patch size are those of most of its files; files of another kind are skipped as strays, so one
+    stray file never aborts a run. With `model` given, the folder's backbone must be that architecture.
+    With `verify`, every file is read in full and rejected if it holds NaN/Inf (slower: reads it all).
+
+    Raises `FileNotFoundError` when `root` is not a folder, and `Stage1Error` when no usable file is
+    left or the data's backbone is not `model` (naming both).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f'stage-1 data folder not found: {root}')
+    paths = sorted(p for p in root.glob('*.safetensors') if p.is_file() and not p.name.startswith('.'))
+    items, skipped = [], []
+    for path in paths:
+        try:
+            items.append(_check_file(path, verify))
+        except Stage1Error as e:
+            skipped.append((path, str(e)))
+    if items:
+        kinds = Counter((i.model, i.embed_dim, i.patch_size) for i in items)
+        common = kinds.most_common(1)[0][0]
+        if model is not None and backbone_arch(model) != backbone_arch(common[0]):
+            found = ', '.join(f'{m} ({n} files)' for (m, _, _), n in kinds.most_common())
+            raise Stage1Error(
+                f'--model is {model} but the stage-1 files in {root} hold features of {found}; '
+                f'train with --model {common[0]} or point --data at {model} features')
+        skipped += [(i.path, f'features of {i.model} with C={i.embed_dim}, patch {i.patch_size}, but the folder '
+                             f'holds {common[0]} features with C={common[1]}, patch {common[2]}')
+                    for i in items if (i.model, i.embed_dim, i.patch_size) != common]
+        items = [i for i in items if (i.model, i.embed_dim, i.patch_size) == common]
+    skipped.sort(key=lambda s: s[0].name)
+    if log:
+        for path, reason in skipped:
+            _logger.warning('skipping stage-1 file %s: %s', path, reason)
+    if not items:
+        raise Stage1Error(
+            f'{root}: no usable stage-1 files ({len(paths)} *.safetensors found'
+            + (f', all skipped; first: {skipped[0][0].name}: {skipped[0][1]})' if skipped else ')'))
+    return Stage1Scan(items=items, skipped=skipped)
+
+
+def split_files(items: Sequence[Stage1Item], val_frac: float, seed: int) -> Tuple[List[Stage1Item], List[Stage1Item]]:
+    """Hold out `val_frac` of the files for validation, chosen by a permutation seeded by `seed`.
+
+    The split depends only on the (sorted) file list and the seed. At least one file is held out when
+    `val_frac > 0`, and at least one is kept for training.
+    """
+    if not 0 <= val_frac < 1:
+        raise ValueError(f'val_frac must be in [0, 1), got {val_frac}')
+    n = len(items)
+    n_val = 0 if val_frac == 0 else min(max(round(val_frac * n), 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx = set(perm[:n_val])
+    train = [it for i, it in enumerate(items) if i not in val_idx]
+    val = [it for i, it in enumerate(items) if i in val_idx]
+    return train, val
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # A distinct, reproducible stream per (seed, epoch), independent of any global RNG state.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def global_batches(grids: Sequence[Tuple[int, int]], batch_size: int, seed: int, epoch: int) -> List[List[int]]:
+    """One epoch's global batches of dataset indices: a seeded shuffle, batched within each grid.
+
+    Items of each grid are shuffled and cut into full batches (a grid's remainder is dropped this
+    epoch; a different remainder next epoch); then the batch order is shuffled. The result depends
+    only on `grids`, `batch_size`, `seed` and `epoch` -- never on the number of processes -- which is
+    what makes 1-process and N-process runs, and resumed runs, see the same data.
+    """
+    g = _epoch_generator(seed, epoch)
+    by_grid: Dict[Tuple[int, int], List[int]] = {}
+    for i, grid in enumerate(grids):
+        by_grid.setdefault(tuple(grid), []).append(i)
+    batches = []
+    for grid in sorted(by_grid):
+        idx = by_grid[grid]
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        batches += [perm[k:k + batch_size] for k in range(0, len(perm) - batch_size + 1, batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[j] for j in order]
+
+
+def steps_per_epoch(grids: Sequence[Tuple[int, int]], batch_size: int) -> int:
+    """Full global batches per epoch (the same every epoch)."""
+    return sum(n // batch_size for n in Counter(tuple(g) for g in grids).values())
+
+
+def rank_slice(batch: Sequence[int], rank: int, world_size: int) -> List[int]:
+    """This rank's interleaved share of a global batch (equal sizes when the batch divides evenly)."""
+    return list(batch[rank::world_size])
+
+
+def eval_batches(grids: Sequence[Tuple[int, int]], batch_size: int, rank: int, world_size: int) -> List[List[int]]:
+    """This rank's evaluation batches: every item exactly once over all ranks, same-grid batches."""
+    by_grid: Dict[Tuple[int, int], List[int]] = {}
+    for i, grid in enumerate(grids):
+        by_grid.setdefault(tuple(grid), []).append(i)
+    batches = []
+    for grid in sorted(by_grid):
+        idx = by_grid[grid]
+        batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    return batches[rank::world_size]
+
+
+class Stage1Dataset(Dataset):
+    """(raw, denoised) pairs as fp32 (h, w, C) tensors, read lazily from the files of `items`."""
+
+    def __init__(self, items: Sequence[Stage1Item]) -> None:
+        self.items = list(items)
+
+    @property
+    def grids(self) -> List[Tuple[int, int]]:
+        return [it.grid for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        path = self.items[index].path
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                raw, clean = f.get_tensor('raw'), f.get_tensor('denoised')
+        except (SafetensorError, OSError) as e:  # changed on disk since the scan
+            raise Stage1Error(f'{path}: unreadable stage-1 file ({e}); it was valid when scanned') from e
+        if raw.shape[:2] != self.items[index].grid:
+            raise Stage1Error(f'{path}: grid changed on disk since the scan')
+        return raw.float(), clean.float()

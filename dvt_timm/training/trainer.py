@@ -1,0 +1,597 @@
+"""Stage 2 of DVT: train the generalizable denoiser on stage-1 (raw, F) pairs.
+
+Loss distance(D(raw), F) = MSE + (1 - mean cosine over channels). The defaults are the authors'
+(REFERENCE section 1): AdamW, betas (0.9, 0.999), weight decay 1e-5 on every parameter,
+lr = 2e-4 * sqrt(global batch / 256), cosine with 15% linear warm-up down to 1e-6, no augmentation,
+global batch 64 (the authors' 8 GPUs x 8).
+
+Reproducibility is by construction: the data order of every epoch is a seeded global permutation cut
+into global batches (each of one patch grid), and each rank takes an interleaved slice of each batch,
+so the order never depends on the number of processes; DDP averages per-rank mean-loss gradients,
+which equals the one-process gradient of the global batch. A checkpoint (model, optimizer, scheduler,
+step, every rank's RNG state) is written atomically every `ckpt_every` steps; a resumed run
+regenerates the same batches from the step counter, so it ends with the same weights as an
+uninterrupted one (bit for bit on the CPU; on CUDA up to the kernels' own non-determinism).
+On several nodes every node needs the same `--data` files (checked); `--out` is written and read by
+rank 0 alone, so it need not be shared.
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..checkpoint import DenoiserConfig, atomic_write, backbone_arch, write_denoiser_checkpoint
+from ..denoiser import Denoiser
+from ..model import default_input_size
+from .data import (
+    Stage1Dataset, Stage1Error, Stage1Item, eval_batches, global_batches, rank_slice, scan_stage1, split_files,
+    steps_per_epoch,
+)
+
+__all__ = [
+    'TrainConfig', 'DistEnv', 'train', 'distance', 'per_sample_distance', 'default_lr', 'lr_at',
+    'train_step', 'setup_distributed', 'CHECKPOINT_NAME', 'LOG_NAME',
+]
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = 'checkpoint.pt'
+LOG_NAME = 'log.jsonl'
+ARGS_NAME = 'training_args.json'
+CARD_NAME = 'README.md'
+TRAIN_STATE_FORMAT = 'dvt-timm-train'
+TRAIN_STATE_VERSION = 1
+DEFAULT_EPOCHS = 100
+
+# Settings that shape the trajectory: a resumed run must use the same values to end where the
+# uninterrupted run would. The rest (logging, checkpoint cadence, workers, device) may change.
+_RUN_DEFINING = ('backbone', 'total_steps', 'batch_size', 'lr', 'weight_decay', 'betas', 'eps', 'warmup_frac',
+                 'min_lr', 'val_frac', 'seed', 'amp')
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a stage-2 run; the CLI flags map one to one (see `commands.py`)."""
+    data: str  # folder of stage-1 `*.safetensors`
+    model: str  # backbone timm id or registered dvt_* name; must match the data's backbone
+    out: str  # output folder
+    epochs: Optional[int] = None  # DEFAULT_EPOCHS when neither epochs nor steps is set
+    steps: Optional[int] = None
+    batch_size: int = 64  # global, over all processes
+    lr: Optional[float] = None  # peak; None: 2e-4 * sqrt(batch_size / 256)
+    weight_decay: float = 1e-5
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_frac: float = 0.15
+    min_lr: float = 1e-6
+    val_frac: float = 0.05
+    val_every: int = 500  # steps; 0: only at the end
+    ckpt_every: int = 500  # steps; 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    workers: int = 2
+    device: Optional[str] = None  # default: cuda when available, else cpu
+    amp: bool = False  # bf16 autocast (CUDA only)
+    resume: bool = False
+    verify_data: bool = False  # read every file in full at scan time and reject NaN/Inf
+    stop_after_steps: Optional[int] = None  # testing: SIGKILL this process right after that step
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the run."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ---------------------------------------------------------------------------- loss and schedule
+def distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DVT's distance: MSE over all elements + (1 - cosine similarity over channels, averaged)."""
+    return F.mse_loss(pred, target) + 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+
+
+def per_sample_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`distance` for each sample of (B, N, C) tensors; their mean over a same-grid batch is `distance`."""
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    return mse + 1 - F.cosine_similarity(pred, target, dim=-1).mean(1)
+
+
+def default_lr(global_batch: int) -> float:
+    """The authors' peak learning rate for a global batch size."""
+    return 2e-4 * math.sqrt(global_batch / 256)
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.15, min_lr: float = 1e-6) -> float:
+    """Learning rate of (0-based) `step`: linear warm-up to `peak` over `warmup_frac` of the run, then
+    cosine decay reaching `min_lr` at the last step."""
+    warmup = int(round(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup - 1, 1)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def train_step(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        raw: torch.Tensor,
+        clean: torch.Tensor,
+        amp: bool = False,
+) -> torch.Tensor:
+    """One optimisation step on a same-grid batch of (B, h, w, C) tensors; returns the detached loss."""
+    B, h, w, C = raw.shape
+    with torch.autocast(raw.device.type, dtype=torch.bfloat16, enabled=amp):
+        pred = model(raw.reshape(B, h * w, C), (h, w))
+    loss = distance(pred.float(), clean.reshape(B, h * w, C))  # the loss itself always in fp32
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------- processes and devices
+def setup_distributed(device: Optional[str] = None) -> DistEnv:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError(f'--device {device} asked for CUDA, but torch sees no CUDA GPU')
+        if world > 1:
+            dev = torch.device('cuda', local_rank)  # one GPU per process
+        elif dev.index is None:
+            dev = torch.device('cuda', torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://')
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def _rng_state() -> Dict[str, Any]:
+    # Plain containers and tensors only, so the checkpoint loads with weights_only=True.
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        'python': random.getstate(),
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    random.setstate(state['python'])
+
+
+# ---------------------------------------------------------------------------- backbone checks
+def resolve_backbone(name: str) -> str:
+    """A timm backbone id for `--model`: registered `dvt_*` names map to their backbone."""
+    if name.startswith('dvt_'):
+        from ..registry import backbone_for
+        return backbone_for(name)
+    return name
+
+
+def backbone_shape(name: str) -> Tuple[int, int]:
+    """(embed_dim, patch_size) of a timm ViT, built without weights (on the meta device when possible)."""
+    arch = backbone_arch(name)
+    if not timm.is_model(arch):
+        raise ValueError(f'--model {name}: {arch} is not a timm model')
+    try:
+        with torch.device('meta'):  # no memory, no init cost
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+    except (RuntimeError, NotImplementedError):  # an init that needs real tensors
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if not hasattr(model, 'patch_embed') or not hasattr(model, 'embed_dim'):
+        raise ValueError(f'--model {name} is not a ViT with patch tokens')
+    return model.embed_dim, model.patch_embed.patch_size[0]
+
+
+# ---------------------------------------------------------------------------- data loading
+class _BatchList(Sampler):
+    """A batch sampler whose batches are replaced each epoch, so persistent workers can be reused."""
+
+    def __init__(self) -> None:
+        self.batches: List[List[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _loader(dataset: Stage1Dataset, sampler: _BatchList, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda',
+                      persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp: bool) -> Optional[float]:
+    """Mean per-sample distance over the held-out files, summed over every rank's share."""
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
+    was_training = model.training
+    model.eval()
+    for raw, clean in loader:
+        raw, clean = raw.to(env.device, non_blocking=True), clean.to(env.device, non_blocking=True)
+        B, h, w, C = raw.shape
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(raw.reshape(B, h * w, C), (h, w))
+        d = per_sample_distance(pred.float(), clean.reshape(B, h * w, C))
+        totals += torch.stack([d.sum().double(), torch.tensor(B, dtype=torch.float64, device=env.device)])
+    model.train(was_training)
+    totals = _all_reduce_sum(totals, env)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+
+# ---------------------------------------------------------------------------- outputs
+class _JsonLog:
+    """Appends one JSON record per line (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step`: a resumed run redoes them and logs them again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if rec.get('step', 0) <= step:
+                kept.append(line)
+        atomic_write(self.path, lambda p: Path(p).write_text(''.join(line + '\n' for line in kept)))
+
+
+def _model_card(backbone: str, settings: Dict[str, Any], n_train: int, n_val: int, val_loss: Optional[float]) -> str:
+    val = f'{val_loss:.5f}' if val_loss is not None else 'n/a (no held-out files)'
+    return f"""---
+library_name: dvt-timm
+tags:
+- dvt
+- timm
+- image-feature-extraction
+- vision-transformer
+---
+
+# DVT denoiser for `{backbone}`
+
+A [Denoising Vision Transformers](https://arxiv.org/abs/2401.02957) generalizable denoiser trained with
+`dvt-timm train-denoiser` (stage 2) on stage-1 outputs. `model.safetensors` holds the denoiser only;
+the backbone loads through timm.
+
+```python
+from dvt_timm import DenoisedViT
+model = DenoisedViT.from_pretrained("path/to/this/folder").eval()
+features = model.feature_map(images)  # (B, C, h, w), denoised
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| training / held-out files | {n_train} / {n_val} |
+| steps | {settings['total_steps']} |
+| global batch | {settings['batch_size']} |
+| peak lr | {settings['lr']:.3g} (AdamW, betas {tuple(settings['betas'])}, weight decay {settings['weight_decay']}) |
+| schedule | {settings['warmup_frac']:.0%} linear warm-up, cosine to {settings['min_lr']} |
+| seed | {settings['seed']} |
+| final held-out loss (MSE + 1 - cosine) | {val} |
+"""
+
+
+def _write_final(out: Path, module: Denoiser, config: DenoiserConfig, settings: Dict[str, Any],
+                 n_train: int, n_val: int, val_loss: Optional[float]) -> None:
+    write_denoiser_checkpoint(out, module.state_dict(), config)
+    card = _model_card(config.backbone, settings, n_train, n_val, val_loss)
+    atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
+
+
+# ---------------------------------------------------------------------------- the run
+def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
+    if cfg.epochs is not None and cfg.steps is not None:
+        raise ValueError('give --epochs or --steps, not both')
+    for name in ('epochs', 'steps', 'stop_after_steps'):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least 1, got {value}')
+    if cfg.batch_size < 1 or cfg.batch_size % env.world_size:
+        raise ValueError(f'--batch-size {cfg.batch_size} (global) must be a positive multiple of the number of '
+                         f'processes ({env.world_size})')
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise ValueError(f'--lr must be positive, got {cfg.lr}')
+    if not 0 <= cfg.warmup_frac < 1:
+        raise ValueError(f'--warmup-frac must be in [0, 1), got {cfg.warmup_frac}')
+    if min(cfg.val_every, cfg.ckpt_every, cfg.log_every, cfg.workers) < 0:
+        raise ValueError('--val-every, --ckpt-every, --log-every and --workers must not be negative')
+    if cfg.amp and env.device.type != 'cuda':
+        raise ValueError(f'--amp (bf16 autocast) needs a CUDA device; this run is on {env.device}')
+
+
+def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: List[str], val_names: List[str],
+                  path: Path) -> None:
+    """A resumed run must be the same run: same run-defining settings and the same file split."""
+    if state.get('format') != TRAIN_STATE_FORMAT:
+        raise ValueError(f'{path}: not a dvt-timm training checkpoint')
+    if int(state.get('format_version', 0)) > TRAIN_STATE_VERSION:
+        raise ValueError(f'{path}: written by a newer dvt-timm (format_version {state["format_version"]})')
+    saved = state['settings']
+    diffs = [f'{k}: checkpoint {saved.get(k)!r}, now {settings[k]!r}' for k in _RUN_DEFINING
+             if _plain(saved.get(k)) != _plain(settings[k])]
+    if diffs:
+        raise ValueError(f'--resume: {path} belongs to a run with other settings ({"; ".join(diffs)}); '
+                         'rerun with the original settings or start a new --out')
+    for split, now in (('train', train_names), ('val', val_names)):
+        before = list(state[f'{split}_files'])
+        if before != now:
+            gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+            raise ValueError(f'--resume: the {split} files changed since {path} was written '
+                             f'(missing now: {gone[:5]}{"..." if len(gone) > 5 else ""}; '
+                             f'new: {new[:5]}{"..." if len(new) > 5 else ""})')
+
+
+def _read_resume_state(cfg: TrainConfig, path: Path, env: DistEnv) -> Optional[Dict[str, Any]]:
+    """The training state to resume from, or None for a new run.
+
+    Rank 0 decides and reads the file, then sends the outcome to every rank, so `--out` need not be
+    on a filesystem the other nodes share, and all ranks fail alike on a refusal.
+    """
+    outcome: Tuple[Optional[str], Optional[Dict[str, Any]]] = (None, None)
+    if env.is_main:
+        if path.is_file() and not cfg.resume:
+            outcome = (f'{path} exists: pass --resume to continue that run, or choose another --out', None)
+        elif path.is_file():
+            try:
+                outcome = (None, torch.load(path, map_location='cpu', weights_only=True))
+            except Exception as e:  # truncated by hand, or not ours: say which file and what to do
+                outcome = (f'--resume: {path} cannot be read ({type(e).__name__}: {e}); delete it to start over', None)
+        elif cfg.resume:
+            _logger.info('--resume: no %s yet, starting a new run', path)
+    if env.distributed:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    error, state = outcome
+    if error:
+        raise ValueError(error)
+    return state
+
+
+def _check_ranks_agree(value: Any, env: DistEnv, what: str) -> None:
+    """Every rank must see the same `value` (e.g. the file list, which fixes every batch's contents)."""
+    if not env.distributed:
+        return
+    digest = hashlib.sha256(json.dumps(value).encode()).hexdigest()
+    digests = [None] * env.world_size
+    dist.all_gather_object(digests, digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f'ranks {differ} see different {what} than rank 0: every node needs the same --data')
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) stage-2 training; returns a summary. Call once per process under torchrun."""
+    env = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env)
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
+    _check_config(cfg, env)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    backbone = resolve_backbone(cfg.model)
+    saved = _read_resume_state(cfg, ckpt_path, env)
+    resume = saved is not None
+
+    # Data: every rank scans the same folder the same way, so all agree on files, split and order.
+    scan = scan_stage1(cfg.data, model=backbone, verify=cfg.verify_data, log=env.is_main)
+    # Tags name different weights (e.g. .dino vs .mae): both given and different is an error; otherwise
+    # the denoiser is recorded for the most specific id of the two.
+    if '.' in backbone and '.' in scan.model and backbone != scan.model:
+        raise Stage1Error(f'--model is {backbone} but the stage-1 files in {cfg.data} hold features of {scan.model}')
+    data_backbone = scan.model if '.' in scan.model or '.' not in backbone else backbone
+    embed_dim, patch = backbone_shape(data_backbone)
+    if (embed_dim, patch) != (scan.embed_dim, scan.patch_size):
+        raise Stage1Error(f'{cfg.data}: features have C={scan.embed_dim}, patch {scan.patch_size}, but '
+                          f'{data_backbone} has C={embed_dim}, patch {patch}')
+    train_items, val_items = split_files(scan.items, cfg.val_frac, cfg.seed)
+    train_ds, val_ds = Stage1Dataset(train_items), Stage1Dataset(val_items)
+    per_epoch = steps_per_epoch(train_ds.grids, cfg.batch_size)
+    if per_epoch == 0:
+        raise ValueError(f'--batch-size {cfg.batch_size} is larger than the {len(train_ds)} training files '
+                         f'(per patch grid: {_grid_counts(train_items)}); lower it or add data')
+    total = cfg.steps or (cfg.epochs or DEFAULT_EPOCHS) * per_epoch
+    peak = cfg.lr or default_lr(cfg.batch_size)
+    settings = dict(backbone=data_backbone, total_steps=total, batch_size=cfg.batch_size, lr=peak,
+                    weight_decay=cfg.weight_decay, betas=list(cfg.betas), eps=cfg.eps, warmup_frac=cfg.warmup_frac,
+                    min_lr=cfg.min_lr, val_frac=cfg.val_frac, seed=cfg.seed, amp=cfg.amp)
+    train_names = [it.path.name for it in train_items]
+    val_names = [it.path.name for it in val_items]
+    _check_ranks_agree([train_names, val_names, train_ds.grids, val_ds.grids], env, 'stage-1 files')
+
+    # Model, optimiser, schedule: seeded identically on every rank (DDP also broadcasts rank 0's weights).
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    grid_size = default_input_size(patch) // patch
+    module = Denoiser(embed_dim, grid_size).to(env.device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=peak, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total, peak, cfg.warmup_frac, cfg.min_lr) / peak)
+    step, last_val = 0, None
+    log = _JsonLog(out / LOG_NAME, env.is_main)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_resume(saved, settings, train_names, val_names, ckpt_path)
+        module.load_state_dict(saved['model'])
+        optimizer.load_state_dict(saved['optimizer'])
+        scheduler.load_state_dict(saved['scheduler'])
+        step, last_val = int(saved['step']), saved.get('val_loss')
+        rngs = saved['rng']
+        if len(rngs) != env.world_size and env.is_main:
+            _logger.warning('resuming a %d-process run with %d processes: same data order, but not bit-exact',
+                            len(rngs), env.world_size)
+        _set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+        log.truncate_after(step)
+        log(event='resume', step=step)
+        if env.is_main:
+            _logger.info('resumed %s at step %d of %d', ckpt_path, step, total)
+    else:
+        if env.is_main and log.path.is_file():
+            log.path.unlink()  # left by a run killed before its first checkpoint: nothing of it survives
+        log(event='start', step=0, settings=settings, world_size=env.world_size, device=str(env.device),
+            train_files=len(train_items), val_files=len(val_items),
+            skipped=[{'file': p.name, 'reason': r} for p, r in scan.skipped])
+        if env.is_main:
+            atomic_write(out / ARGS_NAME, lambda p: Path(p).write_text(
+                json.dumps({**asdict(cfg), 'resolved': settings}, indent=2, default=str) + '\n'))
+    model = module
+    if env.distributed:
+        model = DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
+    denoiser_config = DenoiserConfig(backbone=data_backbone, embed_dim=embed_dim, num_heads=module.num_heads,
+                                     grid_size=grid_size, patch_size=patch)
+
+    def save_checkpoint() -> None:
+        rngs = [_rng_state()]
+        if env.distributed:  # every rank's RNG, so each resumes its own stream
+            rngs = [None] * env.world_size
+            dist.all_gather_object(rngs, _rng_state())
+        if env.is_main:
+            state = dict(format=TRAIN_STATE_FORMAT, format_version=TRAIN_STATE_VERSION, step=step,
+                         model=module.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
+                         train_files=train_names, val_files=val_names, val_loss=last_val,
+                         denoiser_config=denoiser_config.to_dict())
+            atomic_write(ckpt_path, lambda p: torch.save(state, p))
+            log(event='checkpoint', step=step)
+
+    def validate() -> Optional[float]:
+        nonlocal last_val
+        if not len(val_ds):
+            return None
+        val_sampler.batches = eval_batches(val_ds.grids, cfg.batch_size // env.world_size, env.rank, env.world_size)
+        last_val = evaluate(module, val_loader, env, cfg.amp)
+        log(event='val', step=step, val_loss=last_val)
+        return last_val
+
+    train_sampler, val_sampler = _BatchList(), _BatchList()
+    train_loader = _loader(train_ds, train_sampler, cfg.workers, env.device)
+    val_loader = _loader(val_ds, val_sampler, cfg.workers, env.device)
+    if env.is_main:
+        _logger.info('training a %s denoiser on %d files (%d held out, %d skipped): %d steps of %d, lr %.3g, %s x%d',
+                     data_backbone, len(train_items), len(val_items), len(scan.skipped), total, cfg.batch_size,
+                     peak, env.device, env.world_size)
+
+    start_step = step
+    module.train()
+    bar = tqdm(total=total, initial=step, unit='step', disable=not env.is_main, dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=env.device)
+    window_steps, window_start = 0, time.perf_counter()
+    with logging_redirect_tqdm():
+        while step < total:
+            epoch, offset = divmod(step, per_epoch)
+            batches = global_batches(train_ds.grids, cfg.batch_size, cfg.seed, epoch)[offset:]
+            train_sampler.batches = [rank_slice(b, env.rank, env.world_size) for b in batches]
+            for raw, clean in train_loader:
+                raw, clean = raw.to(env.device, non_blocking=True), clean.to(env.device, non_blocking=True)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                loss_sum += train_step(model, optimizer, raw, clean, cfg.amp)
+                scheduler.step()
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step % max(cfg.log_every, 1) == 0 or step == total:
+                    # Ranks average their losses; .item() is the only host sync of the loop.
+                    loss = (_all_reduce_sum(loss_sum, env) / (window_steps * env.world_size)).item()
+                    elapsed = time.perf_counter() - window_start
+                    if not math.isfinite(loss):
+                        raise RuntimeError(f'training loss is {loss} at step {step}: check the data '
+                                           '(--verify-data rejects files holding NaN/Inf) or lower --lr')
+                    log(event='train', step=step, epoch=epoch, loss=loss, lr=lr,
+                        samples_per_s=window_steps * cfg.batch_size / elapsed)
+                    bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.2e}',
+                                    **({'val': f'{last_val:.4f}'} if last_val is not None else {}))
+                    loss_sum.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if step < total and cfg.val_every and step % cfg.val_every == 0:
+                    validate()
+                    window_start = time.perf_counter()  # keep validation out of the throughput
+                if step < total and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                    save_checkpoint()
+                if cfg.stop_after_steps is not None and step == cfg.stop_after_steps:
+                    os.kill(os.getpid(), signal.SIGKILL)  # testing: a hard kill, no clean-up of any kind
+                if step >= total:
+                    break
+    bar.close()
+
+    if start_step < total:
+        validate()
+        save_checkpoint()
+    # The final model comes after the final checkpoint: a kill in between is repaired by --resume.
+    if env.is_main:
+        _write_final(out, module, denoiser_config, settings, len(train_items), len(val_items), last_val)
+        log(event='done', step=step, val_loss=last_val)
+        _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s)', out, data_backbone, step,
+                     'n/a' if last_val is None else f'{last_val:.5f}')
+    if env.distributed:
+        dist.barrier()  # no process exits before the outputs exist
+    return dict(out=str(out), steps=step, val_loss=last_val, backbone=data_backbone, train_files=len(train_items),
+                val_files=len(val_items), skipped=[(str(p), r) for p, r in scan.skipped])
+
+
+def _grid_counts(items: Sequence[Stage1Item]) -> str:
+    counts: Dict[Tuple[int, int], int] = {}
+    for it in items:
+        counts[it.grid] = counts.get(it.grid, 0) + 1
+    return ', '.join(f'{h}x{w}: {n}' for (h, w), n in sorted(counts.items()))

@@ -1,0 +1,147 @@
+"""Stage 1: views and coordinates, ground-truth recovery, the API on real photos, the folder CLI."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dvt_timm import DenoisedViT
+from dvt_timm.fields import FieldSettings, HashGridConfig, decompose, denoise_image, image_seed, sample_indices
+from dvt_timm.fields.folder import read_stage1
+from dvt_timm.fields.views import View, render_views, sample_views, view_coords
+
+
+def test_view_coordinates_follow_the_crop():
+    views = [View.full(224), View(28, 56, 112, 84, False), View(28, 56, 112, 84, True)]
+    c = view_coords(views, 224, 16)
+    assert c.shape == (3, 16, 16, 2)
+    torch.testing.assert_close(c[0, 0, :, 0], torch.linspace(0, 1, 16))  # full view: x along columns
+    torch.testing.assert_close(c[0, :, 0, 1], torch.linspace(0, 1, 16))  # y along rows
+    torch.testing.assert_close(c[1, 0, :, 0], torch.linspace(56 / 224, 140 / 224, 16))
+    torch.testing.assert_close(c[1, :, 0, 1], torch.linspace(28 / 224, 140 / 224, 16))
+    torch.testing.assert_close(c[2, ..., 0], c[1, ..., 0].flip(-1))  # a flip mirrors x only
+    torch.testing.assert_close(c[2, ..., 1], c[1, ..., 1])
+
+
+def test_view_sampler_matches_random_resized_crop_ranges():
+    views = sample_views(400, 448, torch.Generator().manual_seed(0))
+    assert views[0] == View.full(448) and len(views) == 401
+    areas = torch.tensor([v.height * v.width / 448 ** 2 for v in views[1:]])
+    ratios = torch.tensor([v.width / v.height for v in views[1:]])
+    assert areas.min() > 0.09 and areas.max() < 0.52  # (0.1, 0.5) up to rounding
+    assert ratios.min() > 0.7 and ratios.max() < 1.4
+    assert 0.4 < sum(v.flip for v in views) / 400 < 0.6
+    assert all(v.top + v.height <= 448 and v.left + v.width <= 448 for v in views)
+    # rendering: a crop of a horizontal ramp is the ramp over the crop's columns, mirrored when flipped
+    ramp = torch.linspace(0, 1, 448).expand(3, 448, 448)
+    pix = render_views(ramp, [View(0, 112, 224, 224, False), View(0, 112, 224, 224, True)])
+    assert pix.shape == (2, 3, 448, 448)
+    assert abs(pix[0, 0, 0, 0] - 112 / 447) < 0.01 and abs(pix[0, 0, 0, -1] - 335 / 447) < 0.01
+    torch.testing.assert_close(pix[1], pix[0].flip(-1))
+
+
+def test_sample_indices_are_per_image_and_uniform():
+    seeds = torch.tensor([image_seed(0, 'a'), image_seed(0, 'b')])
+    idx = sample_indices(seeds, 3, 50000, 1000)
+    assert idx.min() >= 0 and idx.max() < 1000
+    assert torch.equal(sample_indices(seeds[1:], 3, 50000, 1000)[0], idx[1])  # independent of the batch
+    counts = torch.bincount(idx[0], minlength=1000).float()
+    assert abs(counts.std() / counts.mean() - 50 ** -0.5) < 0.02  # the spread of Poisson(50) counts
+    assert not torch.equal(idx[0], idx[1]) and not torch.equal(idx, sample_indices(seeds, 4, 50000, 1000))
+
+
+def _smooth_field(C: int, generator: torch.Generator, rank: int = 8):
+    """A smooth C-channel field of (x, y): low-frequency sinusoids in `rank` latent channels, mixed into C.
+
+    Low rank like real ViT semantics; F's MLP (enc -> C/2 -> C) can only output a C/2-dim subspace."""
+    freqs = torch.randn(3, rank, 2, generator=generator) * 1.5
+    phase = torch.rand(3, rank, generator=generator) * 2 * math.pi
+    amp = torch.rand(3, rank, generator=generator) + 0.5
+    mix = torch.randn(rank, C, generator=generator) / rank ** 0.5
+
+    def field(coords: torch.Tensor) -> torch.Tensor:
+        arg = torch.einsum('...d,kcd->...kc', coords, freqs) * 2 * math.pi + phase
+        return (amp * torch.sin(arg)).sum(-2) @ mix
+    return field
+
+
+def _centred_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean((0, 1)), b - b.mean((0, 1))
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_ground_truth_decomposition_is_recovered():
+    """Views of F* (smooth, image coordinates) + G* (fixed, view position) + noise, through the same crop
+    and flip machinery: F and G come back (centred) with cosine >= 0.95."""
+    g = torch.Generator().manual_seed(0)
+    size, K, C, n_views = 224, 16, 32, 48
+    views = sample_views(n_views, size, g)
+    coords = view_coords(views, size, K)  # (V, K, K, 2)
+    F_true, G_true = _smooth_field(C, g), torch.randn(K, K, C, generator=g)
+    y = F_true(coords) + G_true + 0.05 * torch.randn(len(views), K, K, C, generator=g)
+    settings = FieldSettings(image_size=size, n_views=n_views, iterations=800, samples_per_step=1024,
+                             hash=HashGridConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4,
+                                                 finest_resolution=64))
+    out = decompose(y[None], coords[None], [image_seed(0, 'synthetic')], settings, backend='torch')[0]
+    print(f'G cos {_centred_cos(out.artifact, G_true):.4f}, F cos {_centred_cos(out.denoised, F_true(coords[0])):.4f}')
+    assert _centred_cos(out.artifact, G_true) >= 0.95
+    assert _centred_cos(out.denoised, F_true(coords[0])) >= 0.95
+    assert torch.equal(out.raw, y[0])
+
+
+def _run_cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, '-m', 'dvt_timm.cli', 'denoise-images', *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.fixture()
+def image_folder(tmp_path, sample_images):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for p in sample_images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / 'broken.jpg').write_bytes(b'not an image')
+    return folder
+
+
+def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_checkpoint):
+    """Kill the CLI mid-run and run it again: finished images are not recomputed, no partial files remain,
+    the unreadable image is logged and skipped, and results equal an uninterrupted run's bit for bit."""
+    common = ['--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', vits_checkpoint,
+              '--images', image_folder, '--preset', 'fast', '--views', 3, '--iterations', 150,
+              '--image-size', 112, '--batch-images', 2, '--dtype', 'fp32']
+    killed = tmp_path / 'killed'
+    proc = _run_cli([*common, '--out', killed])
+    deadline = time.time() + 240
+    while not list(killed.glob('*.safetensors')) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in killed.glob('*.safetensors')}
+    assert 0 < len(first) < 5, 'the run was not interrupted mid-way'
+
+    resumed = _run_cli([*common, '--out', killed])
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert f'{5 - len(first)} done, {len(first)} skipped (already done), 1 failed' in log
+    assert 'broken.jpg' in log
+    assert {p.name: p.stat().st_mtime_ns for p in killed.glob('*.safetensors') if p.name in first} == first
+    assert not list(killed.glob('.*')), 'temp files left behind'
+
+    clean = tmp_path / 'clean'
+    full = _run_cli([*common, '--out', clean])
+    assert full.communicate(timeout=300)[0] and full.returncode == 0
+    names = sorted(p.name for p in clean.glob('*.safetensors'))
+    assert names == sorted(p.name for p in killed.glob('*.safetensors')) and len(names) == 5
+    for name in names:
+        raw_a, den_a, meta = read_stage1(killed / name)
+        raw_b, den_b, _ = read_stage1(clean / name)
+        assert torch.equal(raw_a, raw_b) and torch.equal(den_a, den_b), name
+    assert raw_a.shape == (8, 8, 384)
+    assert meta['model'] == 'vit_small_patch14_dinov2' and meta['input_size'] == '112,112'

@@ -1,0 +1,332 @@
+"""Stage-2 training: data scan, batch order, loss, resume after a hard kill, DDP equivalence, outputs.
+
+Synthetic stage-1 folders stand in for real ones: raw = content + P and denoised = content, for a
+fixed positional pattern P, so a denoiser can only fit the held-out files by learning P from the
+positions -- the held-out loss must fall well below that of returning raw unchanged. Width 384 fits
+a real ViT-S/14 so the result loads into `DenoisedViT`; grids are 8x8 (and 6x10) tokens for speed.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dvt_timm import DenoisedViT
+from dvt_timm.training import commands
+from dvt_timm.training.data import (
+    Stage1Dataset, Stage1Error, eval_batches, global_batches, rank_slice, scan_stage1, split_files, steps_per_epoch,
+)
+from dvt_timm.training.trainer import (
+    DistEnv, TrainConfig, _check_config, default_lr, distance, lr_at, per_sample_distance, train,
+)
+
+BACKBONE = 'vit_small_patch14_dinov2.lvd142m'
+C = 384
+REPO = Path(__file__).resolve().parents[1]
+
+# One run's settings, shared by the reference, killed/resumed and 2-process runs.
+RUN = dict(model='dvt_vit_small_patch14_dinov2', steps=12, batch_size=4, lr=2e-3, val_frac=0.125,
+           val_every=4, ckpt_every=4, log_every=1, seed=3)
+
+
+def _meta(grid, model=BACKBONE, **over):
+    meta = {'format': 'dvt-timm-stage1', 'format_version': '1', 'model': model,
+            'input_size': f'{grid[0] * 14},{grid[1] * 14}', 'patch_size': '14', 'settings': '{}'}
+    meta.update(over)
+    return meta
+
+
+def write_stage1(root: Path, counts: dict, seed: int = 0, dtype=torch.float16) -> torch.Tensor:
+    """Write `counts[grid]` files per grid with raw = content + P, denoised = content; returns P (37x37)."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randn(1, C, 37, 37, generator=g)  # one smooth-enough field, sampled per grid
+    i = 0
+    for grid, n in counts.items():
+        p = torch.nn.functional.interpolate(pattern, size=grid, mode='bilinear', align_corners=True)
+        p = p[0].permute(1, 2, 0)
+        for _ in range(n):
+            content = torch.randn(*grid, C, generator=g)
+            save_file({'raw': (content + p).to(dtype), 'denoised': content.to(dtype)},
+                      str(root / f'img{i:03d}.safetensors'), metadata=_meta(grid))
+            i += 1
+    return pattern
+
+
+def write_bad_files(root: Path) -> dict:
+    """Files the scan must skip, by name -> a word its reason must contain."""
+    good = {'raw': torch.zeros(8, 8, C, dtype=torch.float16), 'denoised': torch.zeros(8, 8, C, dtype=torch.float16)}
+    (root / 'junk.safetensors').write_bytes(b'not a safetensors file at all')
+    save_file(good, str(root / 'trunc.safetensors'), metadata=_meta((8, 8)))
+    data = (root / 'trunc.safetensors').read_bytes()
+    (root / 'trunc.safetensors').write_bytes(data[:len(data) // 2])
+    save_file(good, str(root / 'otherformat.safetensors'), metadata=_meta((8, 8), format='something-else'))
+    save_file({'raw': good['raw']}, str(root / 'noclean.safetensors'), metadata=_meta((8, 8)))
+    save_file({'raw': good['raw'], 'denoised': good['denoised'][:4]}, str(root / 'shape.safetensors'),
+              metadata=_meta((8, 8)))
+    save_file(good, str(root / 'future.safetensors'), metadata=_meta((8, 8), format_version='2'))
+    save_file(good, str(root / 'wronggrid.safetensors'), metadata=_meta((8, 8), input_size='224,224'))
+    save_file({'raw': torch.zeros(8, 8, 768), 'denoised': torch.zeros(8, 8, 768)}, str(root / 'vitb.safetensors'),
+              metadata=_meta((8, 8), model='vit_base_patch14_dinov2.lvd142m'))
+    return {'junk': 'safetensors', 'trunc': 'safetensors', 'otherformat': 'format', 'noclean': 'denoised',
+            'shape': 'shape', 'future': 'newer', 'wronggrid': 'input_size', 'vitb': 'vit_base'}
+
+
+@pytest.fixture(scope='module')
+def stage1_dir(tmp_path_factory) -> Path:
+    """24 files on an 8x8 grid, 8 on 6x10 (different input size), and every kind of bad file."""
+    root = tmp_path_factory.mktemp('stage1')
+    write_stage1(root, {(8, 8): 24, (6, 10): 8})
+    write_bad_files(root)
+    return root
+
+
+def _config(data: Path, out: Path, **over) -> TrainConfig:
+    return TrainConfig(data=str(data), out=str(out), **{**RUN, 'workers': 0, 'device': 'cpu', **over})
+
+
+def _cli_args(data: Path, out: Path, **over) -> list:
+    args = ['--data', str(data), '--out', str(out), '--device', 'cpu']
+    for key, value in {**RUN, 'workers': 0, **over}.items():
+        args += [f'--{key.replace("_", "-")}', str(value)]
+    return args
+
+
+def _env(threads: int = 0) -> dict:
+    # By default the CPU thread count of this process: a run's float results depend on it.
+    return {**os.environ, 'OMP_NUM_THREADS': str(threads or torch.get_num_threads()), 'PYTHONPATH': str(REPO)}
+
+
+def _log(out: Path) -> list:
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def reference_run(stage1_dir, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run (with a data-loading worker, which must not change anything)."""
+    out = tmp_path_factory.mktemp('ref') / 'run'
+    train(_config(stage1_dir, out, workers=1))
+    return out
+
+
+# ---------------------------------------------------------------------------- pure functions
+def test_schedule_follows_the_authors_recipe():
+    assert default_lr(256) == pytest.approx(2e-4)
+    assert default_lr(64) == pytest.approx(1e-4)
+    total, peak = 100, 1e-3
+    lrs = [lr_at(s, total, peak, 0.15, 1e-6) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / 15) and lrs[14] == pytest.approx(peak)  # 15 warm-up steps
+    assert all(a < b for a, b in zip(lrs[:14], lrs[1:15]))
+    assert all(a >= b for a, b in zip(lrs[15:], lrs[16:]))  # cosine: monotone down
+    assert lrs[-1] == pytest.approx(1e-6)
+    assert lrs[15 + 42] == pytest.approx(1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * 42 / 84)))
+
+
+def test_distance_is_mse_plus_one_minus_cosine():
+    a, b = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    expected = ((a - b) ** 2).mean() + 1 - cos.mean()
+    assert distance(a, b).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert per_sample_distance(a, b).mean().item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distance(a, a).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_batch_order_is_the_same_for_any_world_size():
+    grids = [(8, 8)] * 21 + [(6, 10)] * 9
+    batches = global_batches(grids, 4, seed=1, epoch=0)
+    assert len(batches) == steps_per_epoch(grids, 4) == 5 + 2
+    assert all(len(b) == 4 and len({grids[i] for i in b}) == 1 for b in batches)  # one grid per batch
+    assert len({i for b in batches for i in b}) == 28  # no repeats
+    assert batches == global_batches(grids, 4, seed=1, epoch=0)
+    assert batches != global_batches(grids, 4, seed=1, epoch=1)
+    assert batches != global_batches(grids, 4, seed=2, epoch=0)
+    for world in (2, 4):
+        shares = [rank_slice(b, r, world) for b in batches for r in range(world)]
+        assert all(len(s) == 4 // world for s in shares)
+        for b in batches:
+            assert sorted(i for r in range(world) for i in rank_slice(b, r, world)) == sorted(b)
+    for world in (1, 2, 3):  # evaluation: every item once over all ranks, one grid per batch
+        seen = [i for r in range(world) for b in eval_batches(grids, 4, r, world) for i in b]
+        assert sorted(seen) == list(range(30))
+
+
+def test_split_is_by_file_and_seeded(stage1_dir):
+    items = scan_stage1(stage1_dir, log=False).items
+    train_a, val_a = split_files(items, 0.125, seed=0)
+    train_b, val_b = split_files(items, 0.125, seed=0)
+    _, val_c = split_files(items, 0.125, seed=1)
+    assert len(val_a) == 4 and len(train_a) == 28
+    assert val_a == val_b and train_a == train_b and val_a != val_c
+    assert not {i.path for i in val_a} & {i.path for i in train_a}
+    assert split_files(items, 0, seed=0)[1] == []
+
+
+# ---------------------------------------------------------------------------- data
+def test_scan_skips_bad_files_with_reasons(stage1_dir, caplog):
+    expected = write_bad_files(stage1_dir)  # idempotent: the fixture wrote the same files
+    with caplog.at_level('WARNING'):
+        scan = scan_stage1(stage1_dir, model=BACKBONE)
+    assert len(scan.items) == 32 and scan.model == BACKBONE and scan.embed_dim == C and scan.patch_size == 14
+    reasons = {p.stem: r for p, r in scan.skipped}
+    assert set(reasons) == set(expected)
+    for name, word in expected.items():
+        assert word in reasons[name], (name, reasons[name])
+        assert f'{name}.safetensors' in caplog.text
+    ds = Stage1Dataset(scan.items)
+    raw, clean = ds[0]
+    assert raw.dtype == clean.dtype == torch.float32 and raw.shape == (8, 8, C)
+
+
+def test_scan_verify_data_rejects_non_finite(tmp_path):
+    write_stage1(tmp_path, {(8, 8): 2})
+    t = torch.zeros(8, 8, C)
+    t[0, 0, 0] = float('nan')
+    save_file({'raw': t, 'denoised': t.clone()}, str(tmp_path / 'nan.safetensors'), metadata=_meta((8, 8)))
+    assert len(scan_stage1(tmp_path, log=False).items) == 3  # headers alone cannot tell
+    scan = scan_stage1(tmp_path, verify=True, log=False)
+    assert len(scan.items) == 2 and 'NaN' in scan.skipped[0][1]
+
+
+def test_model_must_match_the_data(stage1_dir, tmp_path, capsys):
+    with pytest.raises(Stage1Error, match=r'vit_base_patch14_dinov2.*vit_small_patch14_dinov2\.lvd142m'):
+        scan_stage1(stage1_dir, model='vit_base_patch14_dinov2', log=False)
+    with pytest.raises(Stage1Error, match='no usable stage-1 files'):
+        scan_stage1(tmp_path, log=False)
+    with pytest.raises(Stage1Error, match=r'vit_small_patch14_dinov2\.other.*vit_small_patch14_dinov2\.lvd142m'):
+        train(_config(stage1_dir, tmp_path / 'tag', model='vit_small_patch14_dinov2.other'))  # other weights
+    # The CLI reports it as an error naming both, without a traceback.
+    rc = commands.main(_cli_args(stage1_dir, tmp_path / 'x', model='dvt_vit_large_patch14_dinov2'))
+    err = capsys.readouterr().err
+    assert rc == 1 and 'vit_large_patch14_dinov2.lvd142m' in err and BACKBONE in err
+    assert not (tmp_path / 'x' / 'checkpoint.pt').exists()
+
+
+def test_bad_settings_are_refused(stage1_dir, tmp_path):
+    with pytest.raises(ValueError, match='--epochs or --steps'):
+        train(_config(stage1_dir, tmp_path / 'a', epochs=1))
+    with pytest.raises(ValueError, match='larger than the 28 training files'):
+        train(_config(stage1_dir, tmp_path / 'b', batch_size=64))
+    with pytest.raises(ValueError, match='--amp'):
+        train(_config(stage1_dir, tmp_path / 'c', amp=True))
+    two = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device('cpu'))
+    with pytest.raises(ValueError, match=r'multiple of the number of processes \(2\)'):
+        _check_config(_config(stage1_dir, tmp_path / 'd', batch_size=5), two)
+    _check_config(_config(stage1_dir, tmp_path / 'd', batch_size=6), two)
+
+
+# ---------------------------------------------------------------------------- training runs
+def test_training_learns_the_pattern_and_writes_outputs(reference_run, stage1_dir):
+    out = reference_run
+    log = _log(out)
+    assert log[0]['event'] == 'start' and log[0]['settings']['backbone'] == BACKBONE
+    assert {s['file'] for s in log[0]['skipped']} >= {'junk.safetensors', 'vitb.safetensors'}
+    losses = [r['loss'] for r in log if r['event'] == 'train']
+    vals = [r['val_loss'] for r in log if r['event'] == 'val']
+    assert [r['step'] for r in log if r['event'] == 'val'] == [4, 8, 12]
+    assert all(r['samples_per_s'] > 0 for r in log if r['event'] == 'train')
+    # Returning raw unchanged scores MSE(P) + (1 - cos); the denoiser must do far better on unseen files.
+    scan = scan_stage1(stage1_dir, log=False)
+    _, val_items = split_files(scan.items, RUN['val_frac'], RUN['seed'])
+    pairs = [Stage1Dataset(val_items)[i] for i in range(len(val_items))]
+    identity = sum(per_sample_distance(r.reshape(1, -1, C), f.reshape(1, -1, C)).item()
+                   for r, f in pairs) / len(pairs)
+    assert losses[-1] < 0.5 * losses[0]  # step 1 is the initial model's loss
+    assert vals[-1] < 0.5 * identity, (vals, identity)
+
+    assert {'config.json', 'model.safetensors', 'README.md', 'checkpoint.pt', 'log.jsonl'} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / 'config.json').read_text())
+    assert config['backbone'] == BACKBONE and config['grid_size'] == 37 and config['embed_dim'] == C
+    state = torch.load(out / 'checkpoint.pt', map_location='cpu', weights_only=True)
+    assert state['step'] == 12 and state['scheduler']['last_epoch'] == 12
+    assert {'model', 'optimizer', 'scheduler', 'rng'} <= set(state)
+    weights = load_file(str(out / 'model.safetensors'))
+    assert set(weights) == set(state['model'])
+    assert all(torch.equal(weights[k], state['model'][k]) for k in weights)
+
+    # Loads into DenoisedViT (random backbone: only the denoiser matters here) and scores as logged.
+    model = DenoisedViT(BACKBONE, denoiser_checkpoint=out).eval()
+    with torch.no_grad():
+        d = [per_sample_distance(model.denoiser(r.reshape(1, -1, C), r.shape[:2]), f.reshape(1, -1, C)).item()
+             for r, f in pairs]
+    assert sum(d) / len(d) == pytest.approx(vals[-1], rel=1e-4)
+
+
+def test_output_loads_with_from_pretrained(reference_run, vits_checkpoint):
+    model = DenoisedViT.from_pretrained(str(reference_run), backbone_checkpoint=vits_checkpoint)
+    weights = load_file(str(reference_run / 'model.safetensors'))
+    assert model.backbone_name == BACKBONE
+    assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in weights.items())
+    with torch.no_grad():
+        assert model.feature_map(torch.randn(1, 3, 112, 140)).shape == (1, C, 8, 10)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, tmp_path):
+    out = tmp_path / 'run'
+    # A hard kill (SIGKILL) right after step 6: steps 5-6 are lost, the checkpoint of step 4 survives.
+    cmd = [sys.executable, '-m', 'dvt_timm.training'] + _cli_args(stage1_dir, out, stop_after_steps=6)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['step'] == 4
+    assert not (out / 'model.safetensors').exists()
+    assert max(r['step'] for r in _log(out)) == 6
+
+    # Without --resume the folder is refused; with different settings too.
+    with pytest.raises(ValueError, match='--resume'):
+        train(_config(stage1_dir, out))
+    with pytest.raises(ValueError, match='lr: checkpoint 0.002, now 0.001'):
+        train(_config(stage1_dir, out, resume=True, lr=1e-3))
+
+    summary = train(_config(stage1_dir, out, resume=True))
+    assert summary['steps'] == 12
+    ours, ref = load_file(str(out / 'model.safetensors')), load_file(str(reference_run / 'model.safetensors'))
+    assert all(torch.equal(ours[k], ref[k]) for k in ref), 'resumed run differs from the uninterrupted one'
+    a = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['state']
+    b = torch.load(reference_run / 'checkpoint.pt', weights_only=True)['optimizer']['state']
+    assert all(torch.equal(a[i]['exp_avg_sq'], b[i]['exp_avg_sq']) for i in b)
+    # The log reads like one run: the lost steps were dropped and redone once.
+    steps = [r['step'] for r in _log(out) if r['event'] == 'train']
+    assert steps == list(range(1, 13))
+    assert [r['val_loss'] for r in _log(out) if r['event'] == 'val'] == \
+        [r['val_loss'] for r in _log(reference_run) if r['event'] == 'val']
+
+    # Resuming a finished run only rewrites the final files, to the same values.
+    (out / 'model.safetensors').unlink()
+    train(_config(stage1_dir, out, resume=True))
+    assert all(torch.equal(load_file(str(out / 'model.safetensors'))[k], ref[k]) for k in ref)
+
+
+def _torchrun(args: list) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           '-m', 'dvt_timm.training'] + args
+    return subprocess.run(cmd, env=_env(threads=1), capture_output=True, text=True, timeout=300)
+
+
+def test_two_gloo_processes_match_one_and_resume(reference_run, stage1_dir, tmp_path):
+    out = tmp_path / 'ddp'
+    proc = _torchrun(_cli_args(stage1_dir, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _log(out)[0]['world_size'] == 2
+    ours, ref = load_file(str(out / 'model.safetensors')), load_file(str(reference_run / 'model.safetensors'))
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f'{k}: {m}')
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert len(state['rng']) == 2  # each rank's RNG, for its own resume
+    ref_vals = [r['val_loss'] for r in _log(reference_run) if r['event'] == 'val']
+    vals = [r['val_loss'] for r in _log(out) if r['event'] == 'val']
+    assert vals == pytest.approx(ref_vals, rel=1e-4)
+
+    # Both processes killed after step 6, then resumed: the same weights as the uninterrupted 2-process run.
+    killed = tmp_path / 'ddp_killed'
+    proc = _torchrun(_cli_args(stage1_dir, killed, stop_after_steps=6))
+    assert proc.returncode != 0 and 'SIGKILL' in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(killed / 'checkpoint.pt', weights_only=True)['step'] == 4
+    proc = _torchrun(_cli_args(stage1_dir, killed) + ['--resume'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = load_file(str(killed / 'model.safetensors'))
+    assert all(torch.equal(resumed[k], ours[k]) for k in ours), 'resumed 2-process run differs'
