@@ -31,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name the denoiser belongs to')
     p.set_defaults(func=_convert)
 
+    from .evaluation.commands import add_evaluate_parser, add_visualize_parser
     from .fields.commands import add_denoise_images_parser
     from .training.commands import add_train_denoiser_parser
+    add_visualize_parser(sub)
+    add_evaluate_parser(sub)
     add_denoise_images_parser(sub)
     add_train_denoiser_parser(sub)
     return parser

@@ -122,6 +122,11 @@ class DenoisedViT(
         self.in_chans: int = backbone.patch_embed.proj.in_channels
         self.feature_info = getattr(backbone, 'feature_info', None)
         self.grad_checkpointing = False
+        # timm's data config for a directly built model: the backbone's, at DVT's input size
+        # (`timm.create_model` replaces it with the registered cfg).
+        size = default_input_size(self.patch_size)
+        self.pretrained_cfg = {**(getattr(backbone, 'pretrained_cfg', None) or {}),
+                               'input_size': (self.in_chans, size, size), 'crop_pct': 1.0}
         self.denoiser: Optional[Denoiser] = Denoiser(
             self.embed_dim, grid_size or default_input_size(self.patch_size) // self.patch_size)
         self._denoising = True

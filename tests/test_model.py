@@ -158,3 +158,8 @@ def test_eva_family_off_is_identical():
         ref = plain.forward_intermediates(x, indices=2, norm=True, return_prefix_tokens=True)
         assert torch.equal(out[1][0][0], ref[1][0][0]) and not torch.equal(out[1][1][0], ref[1][1][0])
         assert torch.equal(out[0][:, :1], ref[0][:, :1])
+
+
+def test_direct_model_has_a_timm_data_config():
+    cfg = timm.data.resolve_model_data_config(DenoisedViT('vit_base_patch16_224.dino'))
+    assert cfg['input_size'] == (3, 512, 512) and cfg['mean'] == (0.485, 0.456, 0.406)

@@ -190,7 +190,7 @@ def decompose(
     device = features.device
     fields = ImageFields(seeds, C, K, settings.hash, backend).to(device)
     opt = torch.optim.Adam(fields.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                           weight_decay=settings.weight_decay, fused=device.type == 'cuda')
+                           weight_decay=settings.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings))
     feats = features.reshape(B, V * K * K, C)
     xy = coords.reshape(B, V * K * K, 2).to(device)

@@ -1,0 +1,419 @@
+"""`dvt-timm evaluate` and `dvt-timm visualize`: argparse registration and the command functions.
+
+`dvt_timm.cli` wires them in with `add_evaluate_parser(sub)` / `add_visualize_parser(sub)`; errors are raised
+as ValueError / FileNotFoundError for `main()` to print.
+"""
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from ..checkpoint import atomic_write
+from ..data import list_images, load_image
+from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
+from .knn import knn_segmentation
+from .labels import LABEL_FORMATS, LabeledFolder, image_key, find_label_pairs
+from .linear_probe import linear_probe
+from .lost import boxes_from_label, lost_discovery, read_boxes
+from .metrics import artifact_metrics
+
+__all__ = ['add_evaluate_parser', 'add_visualize_parser', 'run_evaluate', 'run_visualize', 'build_model',
+           'format_table']
+
+_logger = logging.getLogger(__name__)
+PROTOCOLS = ('artifacts', 'knn', 'linear', 'lost')
+# What the table shows per protocol: (result key, label, scale to percent?)
+_TABLE_ROWS = {
+    'artifacts': [('variance_share', 'variance share of per-position mean', False),
+                  ('zero_input_cosine', 'mean |cos| to zero-input map', False),
+                  ('mic', 'positional MIC (approx., mean of x/y)', False),
+                  ('mic_x', '  MIC with x', False), ('mic_y', '  MIC with y', False),
+                  ('high_norm_fraction', 'high-norm token fraction', False),
+                  ('norm_max_median', 'norm max / median', False)],
+    'knn': [('miou', 'mIoU %', True), ('macc', 'mAcc %', True), ('pixel_acc', 'pixel acc %', True)],
+    'linear': [('miou', 'mIoU %', True), ('macc', 'mAcc %', True), ('pixel_acc', 'pixel acc %', True)],
+    'lost': [('corloc', 'CorLoc %', True)],
+}
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(name: str, backbone_checkpoint: Optional[str] = None, denoiser_checkpoint: Optional[str] = None,
+                pretrained: bool = True, need_denoiser: bool = True) -> torch.nn.Module:
+    """A `DenoisedViT` from a `dvt_*` model name or a timm backbone id.
+
+    Weights come from the checkpoints when given, else (with `pretrained`) from timm / the Hub. Without
+    `need_denoiser` no denoiser is fetched (the raw features never touch it).
+    """
+    import timm
+
+    from ..model import DenoisedViT
+    from ..registry import backbone_for  # importing the package registered the dvt_* models with timm
+
+    _check_checkpoints(backbone_checkpoint, denoiser_checkpoint)
+    denoiser_checkpoint = denoiser_checkpoint if need_denoiser else None
+    fetch_backbone = pretrained and backbone_checkpoint is None
+    fetch_denoiser = pretrained and need_denoiser and denoiser_checkpoint is None and name.startswith('dvt_')
+    if not name.startswith('dvt_'):
+        model = DenoisedViT(name, pretrained=fetch_backbone, backbone_checkpoint=backbone_checkpoint,
+                            denoiser_checkpoint=denoiser_checkpoint)
+    elif fetch_denoiser:  # timm's pretrained path: the authors' denoiser (and the backbone, unless given)
+        model = timm.create_model(name, pretrained=True, backbone_checkpoint=backbone_checkpoint)
+    elif fetch_backbone:  # the backbone's pretrained weights without fetching a denoiser
+        model = DenoisedViT(backbone_for(name), pretrained=True, denoiser_checkpoint=denoiser_checkpoint)
+    else:
+        model = timm.create_model(name, pretrained=False, backbone_checkpoint=backbone_checkpoint,
+                                  denoiser_checkpoint=denoiser_checkpoint)
+    if need_denoiser and denoiser_checkpoint is None and not fetch_denoiser:
+        _logger.warning('the denoiser is randomly initialised (no --denoiser-checkpoint): its "denoised" '
+                        'numbers only exercise the mechanics')
+    return model.eval()
+
+
+def _check_checkpoints(*paths: Optional[str]) -> None:
+    for path in paths:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f'checkpoint not found: {path}')
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--model', help='dvt_* model name or timm backbone id, e.g. dvt_vit_small_patch14_dinov2 '
+                                   '(not needed with --features)')
+    p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (.safetensors / .pth)')
+    p.add_argument('--denoiser-checkpoint', help="denoiser weights (authors' .pth or our directory)")
+    p.add_argument('--no-pretrained', action='store_true',
+                   help='download nothing: parts without a checkpoint stay randomly initialised')
+    p.add_argument('--size', type=int, nargs='+', default=[448], metavar='PX',
+                   help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14)')
+    p.add_argument('--batch-size', type=int, default=1, help='images per backbone pass (default 1)')
+    p.add_argument('--cache', metavar='DIR', help='on-disk feature cache, keyed by the weights and the input size')
+    p.add_argument('--limit', type=int, help='use only the first N images')
+
+
+def _variants(arg: Sequence[str]) -> Tuple[str, ...]:
+    out = tuple(dict.fromkeys(v for a in arg for v in a.split(',') if v))
+    bad = [v for v in out if v not in VARIANTS]
+    if bad or not out:
+        raise ValueError(f'--variants must name some of {VARIANTS}, got {list(arg)}')
+    return out
+
+
+def _size(arg: Sequence[int]) -> Tuple[int, int]:
+    if len(arg) not in (1, 2) or min(arg) <= 0:
+        raise ValueError(f'--size takes one side or H W, got {list(arg)}')
+    return (arg[0], arg[0]) if len(arg) == 1 else (arg[0], arg[1])
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `evaluate` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        'evaluate', help='artifact metrics and dense protocols on raw vs denoised features',
+        description='Compare raw and denoised features: label-free artifact metrics, kNN segmentation, a linear '
+                    'probe and LOST-style object discovery. Prints a table and writes JSON.')
+    _add_model_args(p)
+    p.add_argument('--data', help='image folder, or a labelled folder (images/ + labels/ or masks/, or '
+                                  '<id>_image.png + <id>_target.png)')
+    p.add_argument('--features', metavar='DIR', help='stored stage-1 outputs (<image stem>.safetensors) to evaluate '
+                                                     'instead of running the model')
+    p.add_argument('--protocol', nargs='+', choices=PROTOCOLS, required=True)
+    p.add_argument('--variants', nargs='+', default=['raw,denoised'], help='raw, denoised or both (default)')
+    p.add_argument('--out', default='evaluation.json', help='JSON results file (default evaluation.json)')
+    p.add_argument('--seed', type=int, default=0,
+                   help='seed of splits, probe initialisation, batch order and weights without a checkpoint')
+    g = p.add_argument_group('labels')
+    g.add_argument('--labels', metavar='DIR', help='label folder, when not next to the images')
+    g.add_argument('--labels-format', choices=LABEL_FORMATS, help='label format (default: detected)')
+    g.add_argument('--ignore-index', type=int,
+                   help="label value for unlabelled pixels (default 255 for voc/index; e.g. 0 for COCO, 11 for CamVid)")
+    g = p.add_argument_group('artifacts')
+    g.add_argument('--norm-k', type=float, default=5.0, help='high-norm threshold: median + k * MAD (default 5)')
+    g.add_argument('--mic-channels', type=int, default=32,
+                   help='MIC maximum over this many channels, screened by correlation ratio (0 = all; default 32)')
+    g.add_argument('--mic-images', type=int, help='MIC on the first N images only')
+    g = p.add_argument_group('knn')
+    g.add_argument('--k', type=int, default=20, help='neighbours (default 20)')
+    g.add_argument('--temperature', type=float, default=0.07, help='vote weight exp(cos / T) (default 0.07)')
+    g.add_argument('--knn-mode', nargs='+', choices=('centroid', 'patch'), default=['centroid'])
+    g.add_argument('--knn-holdout', type=float,
+                   help='fraction of images held out as queries (default: leave-one-image-out)')
+    g = p.add_argument_group('linear probe')
+    g.add_argument('--probe-holdout', type=float, default=0.25, help='held-out fraction (default 0.25)')
+    g.add_argument('--probe-steps', type=int, default=500, help='AdamW steps of 8 images (default 500)')
+    g.add_argument('--lr', type=float, default=3e-2, help='probe learning rate (default 0.03)')
+    g = p.add_argument_group('lost')
+    g.add_argument('--lost-seed', choices=('norm', 'degree'), default='norm',
+                   help='seed patch: highest feature norm (default) or lowest degree (original LOST)')
+    g.add_argument('--lost-expand', type=int, default=100, help='seed-set size (default 100, as LOST)')
+    g.add_argument('--boxes', metavar='JSON', help='ground-truth boxes {"<image stem>": [[x0, y0, x1, y1], ...]}')
+    g.add_argument('--boxes-from-masks', action='store_true',
+                   help='derive ground-truth boxes from connected regions of the label masks (approximate)')
+    g.add_argument('--box-classes', metavar='SPEC',
+                   help='label values that are objects for --boxes-from-masks, e.g. 1-90 (default: all but 0)')
+    g.add_argument('--min-box-area', type=float, default=0.01,
+                   help='derived boxes cover at least this share of the image (default 0.01)')
+    p.set_defaults(func=run_evaluate)
+    return p
+
+
+def _parse_values(spec: str) -> List[int]:
+    values: List[int] = []
+    try:
+        for part in spec.split(','):
+            lo, _, hi = part.strip().partition('-')
+            values.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError as e:
+        raise ValueError(f'--box-classes expects values and ranges like 1-90,92, got {spec!r}') from e
+    return values
+
+
+def _fmt(value: Any, percent: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return 'n/a'
+    return f'{100 * value:.2f}' if percent else f'{value:.4f}'
+
+
+def format_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
+    """A plain-text table: one row per metric, one column per variant (and the change when both)."""
+    variants = [v for v in VARIANTS if any(v in r for r in results.values())]
+    both = variants == list(VARIANTS)
+    head = f'{"protocol":<16} {"metric":<40}' + ''.join(f' {v:>10}' for v in variants) + (' {:>10}'.format('change')
+                                                                                            if both else '')
+    lines = [head, '-' * len(head)]
+    for key, per_variant in results.items():
+        for metric, label, percent in _TABLE_ROWS[key.split('-')[0]]:
+            vals = [per_variant.get(v, {}).get(metric) for v in variants]
+            row = f'{key:<16} {label:<40}' + ''.join(f' {_fmt(v, percent):>10}' for v in vals)
+            if both:
+                ok = all(isinstance(v, (int, float)) and not math.isnan(v) for v in vals)
+                row += f' {_fmt(vals[1] - vals[0], percent) if ok else "n/a":>10}'
+            lines.append(row)
+    return '\n'.join(lines)
+
+
+def _image_sizes(paths: Sequence[Path]) -> List[Tuple[int, int]]:
+    sizes = []
+    for p in paths:
+        with Image.open(p) as img:
+            sizes.append(img.size)
+    return sizes
+
+
+def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
+    """The `evaluate` command; returns what it writes to `--out`."""
+    protocols = list(dict.fromkeys(args.protocol))
+    variants = _variants(args.variants)
+    size = _size(args.size)
+    if args.data is None and (args.features is None or set(protocols) - {'artifacts'}):
+        raise ValueError('--data is required (only --features with --protocol artifacts runs without it)')
+    if args.features is None and args.model is None:
+        raise ValueError('give --model (or --features with stored stage-1 outputs)')
+    if 'lost' in protocols and args.boxes and args.boxes_from_masks:
+        raise ValueError('give either --boxes or --boxes-from-masks, not both')
+    needs_labels = bool({'knn', 'linear'} & set(protocols)) or ('lost' in protocols and args.boxes_from_masks)
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)  # weights without a checkpoint (a test denoiser) initialise the same every run
+    _check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
+
+    # --- images and labels
+    labeled: Optional[LabeledFolder] = None
+    images: Optional[List[Path]] = None
+    names: Optional[List[str]] = None
+    if args.data is not None:
+        if needs_labels:
+            labeled = LabeledFolder(args.data, args.labels_format, args.ignore_index, args.labels, args.limit)
+            images, names = labeled.images, labeled.names
+        else:
+            pairs = find_label_pairs(args.data, args.labels)
+            images = [img for img, _ in pairs] if pairs else list_images(args.data)
+            images = images[:args.limit] if args.limit else images
+            if not images:
+                raise ValueError(f'{args.data}: no images found')
+            names = [image_key(p, Path(args.data)) for p in images]
+
+    # --- features (one backbone pass for every variant and protocol)
+    t0 = time.perf_counter()
+    if args.features is not None:
+        model = None
+        if args.model is not None:  # only for the zero-input reference of the artifact metrics
+            model = build_model(args.model, args.backbone_checkpoint, None, not args.no_pretrained, need_denoiser=False)
+        fs = load_stage1(args.features, names=names)
+        if args.limit and names is None:
+            fs = fs.select(fs.names[:args.limit])
+        if model is not None:
+            fs.reference = zero_input_map(model, fs.input_size)
+        missing = [v for v in variants if v not in fs.maps]
+        if missing:
+            raise ValueError(f'{args.features}: the stored features have no {missing} maps')
+        fs.maps = {v: fs.maps[v] for v in variants}
+        if images is not None:
+            by_name = dict(zip(names, images))
+            fs.image_sizes = _image_sizes([by_name[n] for n in fs.names])
+    else:
+        model = build_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
+                            need_denoiser='denoised' in variants)
+        fs = extract_features(model, images, size, variants, names=names, batch_size=args.batch_size,
+                              cache_dir=args.cache, progress=True)
+    t_features = time.perf_counter() - t0
+
+    labels = None
+    if labeled is not None:
+        index = {n: i for i, n in enumerate(labeled.names)}
+        labels = [labeled.labels[index[n]] for n in fs.names]
+
+    # --- protocols
+    results: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    timing: Dict[str, float] = {'features_s': t_features}
+    class_names = labeled.class_names() if labeled is not None else None
+    for protocol in protocols:
+        t0 = time.perf_counter()
+        if protocol == 'artifacts':
+            results['artifacts'] = {v: artifact_metrics(
+                fs.maps[v], fs.reference, norm_k=args.norm_k, mic_images=args.mic_images,
+                mic_channels=args.mic_channels or None, progress=True) for v in variants}
+            if fs.reference is None:
+                _logger.warning('no zero-input reference (stored features without --model): |cos| not computed')
+        elif protocol == 'knn':
+            for mode in args.knn_mode:
+                results[f'knn-{mode}'] = {v: knn_segmentation(
+                    fs.maps[v], labels, labeled.num_classes, k=args.k, temperature=args.temperature, mode=mode,
+                    holdout=args.knn_holdout, seed=args.seed, class_names=class_names, progress=True)
+                    for v in variants}
+        elif protocol == 'linear':
+            results['linear'] = {v: linear_probe(
+                fs.maps[v], labels, labeled.num_classes, holdout=args.probe_holdout, seed=args.seed,
+                steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True) for v in variants}
+        elif protocol == 'lost':
+            results['lost'] = _run_lost(args, fs, labeled, labels)
+        timing[f'{protocol}_s'] = time.perf_counter() - t0
+    timing['total_s'] = time.perf_counter() - t_start
+
+    report = {
+        'command': 'evaluate',
+        'config': {k: v for k, v in vars(args).items() if k != 'func'},
+        'model': fs.model, 'input_size': list(fs.input_size), 'grid': list(fs.grid), 'images': len(fs.names),
+        'classes': (dict(zip(class_names, labeled.class_values)) if labeled is not None else None),
+        'skipped_labels': labeled.skipped if labeled is not None else {},
+        'timing': timing, 'results': results,
+    }
+    print(f'{len(fs.names)} images, {fs.grid[0]}x{fs.grid[1]} patches at {fs.input_size[0]}x{fs.input_size[1]}'
+          + (f', {labeled.num_classes} classes' if labeled is not None else '')
+          + f' | features {t_features:.1f} s, total {timing["total_s"]:.1f} s')
+    print(format_table(results))
+    text = json.dumps(report, indent=2, default=_json_default)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    print(f'wrote {args.out}')
+    return report
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f'{type(o).__name__} is not JSON serialisable')
+
+
+def _run_lost(args: argparse.Namespace, fs: FeatureSet, labeled: Optional[LabeledFolder],
+              labels: Optional[List[torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
+    gt = None
+    sizes = fs.image_sizes
+    if args.boxes_from_masks:
+        classes = None
+        if args.box_classes:
+            wanted = set(_parse_values(args.box_classes))
+            classes = [i for i, v in enumerate(labeled.class_values) if v in wanted]
+        gt = [boxes_from_label(lab, classes, args.min_box_area) for lab in labels]
+        sizes = [(lab.shape[1], lab.shape[0]) for lab in labels]  # boxes live in the label's pixel frame
+    elif args.boxes:
+        table = read_boxes(args.boxes)
+        gt = [table.get(n, table.get(Path(n).name, [])) for n in fs.names]
+        if not any(gt):
+            raise ValueError(f'{args.boxes}: no boxes for any of the {len(fs.names)} images (keys are image stems)')
+    if any(s is None for s in sizes):
+        raise ValueError('LOST needs the original image sizes: pass --data with the images')
+    out = {}
+    for v in fs.maps:
+        out[v] = lost_discovery(fs.maps[v], sizes, gt, seed=args.lost_seed, expand=args.lost_expand, progress=True)
+        out[v]['gt_boxes'] = ('derived from masks' if args.boxes_from_masks else args.boxes) if gt else None
+    return out
+
+
+# -------------------------------------------------------------------------------------------- visualize
+def add_visualize_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `visualize` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        'visualize', help='PNG of PCA / K-means / norm / cosine panels, raw vs denoised',
+        description='Write a PNG with one row per image: the input, then PCA to RGB (fitted jointly on raw and '
+                    'denoised features), K-means clusters, the feature norm and the cosine similarity to one '
+                    'patch, each before and after denoising.')
+    _add_model_args(p)
+    p.add_argument('images', nargs='+', help='image files, folders, or text files listing images')
+    p.add_argument('--features', metavar='DIR', help='stored stage-1 outputs to show instead of running the model')
+    p.add_argument('--out', default='dvt_features.png', help='output PNG (default dvt_features.png)')
+    p.add_argument('--raw-only', action='store_true', help='show raw features only (no denoiser needed)')
+    p.add_argument('--clusters', type=int, default=6, help='K-means clusters (default 6)')
+    p.add_argument('--patch', default='0.5,0.5', help='reference patch for the cosine panels as fractional '
+                                                      'ROW,COL in [0, 1] (default the centre)')
+    p.add_argument('--panel-size', type=int, default=192, help='panel width in pixels (default 192)')
+    p.add_argument('--seed', type=int, default=0, help='seed of K-means and of weights without a checkpoint')
+    p.set_defaults(func=run_visualize)
+    return p
+
+
+def _collect_images(sources: Sequence[str]) -> List[Path]:
+    paths: List[Path] = []
+    for s in sources:
+        path = Path(s)
+        if path.is_dir() or (path.is_file() and path.suffix.lower() in ('.txt', '.lst')):
+            paths.extend(list_images(path))
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f'no image, folder or list at {path}')
+    if not paths:
+        raise ValueError(f'no images in {list(sources)}')
+    return paths
+
+
+def run_visualize(args: argparse.Namespace) -> Path:
+    """The `visualize` command; returns the PNG path."""
+    from ..visualize import feature_figure
+
+    try:
+        patch = tuple(float(v) for v in args.patch.split(','))
+        assert len(patch) == 2
+    except (ValueError, AssertionError):
+        raise ValueError(f'--patch takes ROW,COL fractions like 0.5,0.5, got {args.patch!r}') from None
+    if args.features is None and args.model is None:
+        raise ValueError('give --model (or --features with stored stage-1 outputs)')
+    if args.clusters < 1:
+        raise ValueError(f'--clusters must be at least 1, got {args.clusters}')
+    out = Path(args.out)
+    if out.suffix.lower() != '.png':
+        raise ValueError(f'--out must be a .png file, got {out}')
+    _check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
+    paths = _collect_images(args.images)[:args.limit]
+    torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
+    variants = ('raw',) if args.raw_only else VARIANTS
+    names = [p.stem for p in paths]
+    if args.features is not None:
+        fs = load_stage1(args.features, names=names)
+    else:
+        model = build_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
+                            need_denoiser=not args.raw_only)
+        fs = extract_features(model, paths, _size(args.size), variants, names=names, batch_size=args.batch_size,
+                              cache_dir=args.cache, progress=True)
+    by_name = dict(zip(names, paths))
+    images = [load_image(by_name[n]) for n in fs.names]
+    fig = feature_figure(images, fs.maps['raw'], None if args.raw_only else fs.maps.get('denoised'),
+                         clusters=args.clusters, patch=patch, panel_size=args.panel_size, seed=args.seed,
+                         names=fs.names)
+    atomic_write(out, lambda tmp: fig.save(tmp, format='PNG'))
+    print(f'wrote {out} ({len(images)} rows, {fig.size[0]}x{fig.size[1]} px)')
+    return out

@@ -1,0 +1,306 @@
+"""Feature sources for evaluation: a model (raw and denoised maps from one backbone pass) or a folder of
+stored stage-1 outputs, held in memory as a `FeatureSet` and optionally cached on disk.
+
+Every protocol reads a `FeatureSet`, so a run computes the backbone once and evaluates both variants.
+"""
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import atomic_write
+from ..data import image_to_tensor, load_image
+
+__all__ = [
+    'STAGE1_FORMAT', 'VARIANTS', 'FeatureSet', 'extract_features', 'load_stage1', 'zero_input_map', 'mean_std',
+    'model_fingerprint',
+]
+
+_logger = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+STAGE1_FORMAT = 'dvt-timm-stage1'
+_CACHE_FORMAT = 'dvt-timm-feature-cache'
+VARIANTS = ('raw', 'denoised')
+
+
+@dataclass
+class FeatureSet:
+    """Dense features of a set of images.
+
+    Attributes:
+        names: one key per image (matched against label folders and stage-1 file stems).
+        maps: variant ('raw', 'denoised') -> (N, C, h, w) float32 maps.
+        image_sizes: (W, H) of each original image, or None where unknown (stored features).
+        input_size: (H, W) the backbone saw.
+        model: the backbone (timm id) the features come from, when known.
+        reference: optional (C, h, w) raw map of an all-mean (zero) image, for `zero_input_cosine`.
+    """
+    names: List[str]
+    maps: Dict[str, torch.Tensor]
+    input_size: Tuple[int, int]
+    image_sizes: List[Optional[Tuple[int, int]]] = field(default_factory=list)
+    model: Optional[str] = None
+    reference: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        for variant, m in self.maps.items():
+            if m.ndim != 4 or m.shape[0] != len(self.names):
+                raise ValueError(f'{variant} maps have shape {tuple(m.shape)}; expected ({len(self.names)}, C, h, w)')
+        if not self.image_sizes:
+            self.image_sizes = [None] * len(self.names)
+
+    @property
+    def variants(self) -> List[str]:
+        return list(self.maps)
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return tuple(next(iter(self.maps.values())).shape[-2:])
+
+    def select(self, names: Sequence[str]) -> 'FeatureSet':
+        """The subset (in the given order) of `names`; a missing name raises `KeyError` naming it."""
+        index = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise KeyError(f'no features for {missing[:5]}')
+        idx = torch.tensor([index[n] for n in names], dtype=torch.long)
+        return FeatureSet(list(names), {k: v[idx] for k, v in self.maps.items()}, self.input_size,
+                          [self.image_sizes[i] for i in idx.tolist()], self.model, self.reference)
+
+
+def mean_std(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The normalisation the model expects, from its (or its backbone's) pretrained cfg."""
+    for m in (model, getattr(model, 'backbone', None)):
+        cfg = getattr(m, 'pretrained_cfg', None) or {}
+        if cfg.get('mean') and cfg.get('std'):
+            return tuple(cfg['mean']), tuple(cfg['std'])
+    raise ValueError(f'{type(model).__name__} has no mean/std in its pretrained_cfg; cannot normalise images')
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of a module's weights (names, shapes and values): the key of the on-disk cache."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f'{name}:{tuple(t.shape)}:{t.dtype}'.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _as_dvt(model: nn.Module) -> nn.Module:
+    from ..model import DenoisedViT
+    return model if isinstance(model, DenoisedViT) else DenoisedViT(model)
+
+
+def _size_tuple(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _cache_key(name: str) -> str:
+    safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)
+    return f'{safe[-80:]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}'
+
+
+def _read_maps(path: Path, expected_format: str, required: str = 'raw') -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(variant -> (C, h, w) float32, metadata) from a stage-1 or cache file holding at least the `required`
+    variant; ValueError naming the file."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+            if meta.get('format') != expected_format:
+                raise ValueError(f'format is {meta.get("format")!r}, not {expected_format!r}')
+            keys = set(f.keys())
+            if required not in keys:
+                raise ValueError(f'has no {required!r} tensor (tensors: {sorted(keys)})')
+            maps = {v: f.get_tensor(v) for v in VARIANTS if v in keys}
+    except (OSError, RuntimeError) as e:  # safetensors reports bad headers / truncation as these
+        raise ValueError(f'{path}: not a readable safetensors file ({e})') from e
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from e
+    out = {}
+    for v, t in maps.items():
+        if t.ndim != 3:
+            raise ValueError(f'{path}: tensor {v!r} has shape {tuple(t.shape)}; expected (h, w, C)')
+        out[v] = t.float().permute(2, 0, 1).contiguous()
+    if len(out) == 2 and out['denoised'].shape != out['raw'].shape:
+        raise ValueError(f'{path}: raw {tuple(out["raw"].shape)} and denoised {tuple(out["denoised"].shape)} differ')
+    return out, meta
+
+
+def _write_maps(path: Path, maps: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+    tensors = {v: m.permute(1, 2, 0).contiguous() for v, m in maps.items()}  # stage-1 layout (h, w, C)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+@torch.inference_mode()
+def zero_input_map(model: nn.Module, size: Union[int, Sequence[int]]) -> torch.Tensor:
+    """The raw (C, h, w) map of an all-mean image: zeros after normalisation, so nothing but position."""
+    dvt = _as_dvt(model).eval()
+    was = dvt.denoising
+    try:
+        return dvt.denoise(False).feature_map(torch.zeros(1, dvt.in_chans, *_size_tuple(size)))[0].float()
+    finally:
+        dvt.denoise(was)
+
+
+@torch.inference_mode()
+def extract_features(
+        model: nn.Module,
+        images: Sequence[PathLike],
+        size: Union[int, Sequence[int]] = 448,
+        variants: Sequence[str] = VARIANTS,
+        names: Optional[Sequence[str]] = None,
+        batch_size: int = 1,
+        cache_dir: Optional[PathLike] = None,
+        progress: bool = True,
+) -> FeatureSet:
+    """Squash-resize each image to `size`, run the backbone once, and keep the requested variants.
+
+    `model` is a `DenoisedViT` (or a timm ViT, wrapped without a trained denoiser); 'denoised' comes from
+    the same backbone pass as 'raw' (`raw_and_denoised`). With `cache_dir`, maps are read from / written to
+    `<cache_dir>/<backbone weights digest>-<H>x<W>/<image key>.<raw | denoised-<denoiser digest>>.safetensors`
+    (fp32, the stage-1 (h, w, C) layout), so a second run, or a run with another denoiser, skips the
+    backbone. Unreadable images are logged and skipped. The set's `reference` is the raw zero-input map.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f'variants must be a non-empty subset of {VARIANTS}, got {list(variants)}')
+    dvt = _as_dvt(model).eval()
+    if 'denoised' in variants and dvt.denoiser is None:
+        raise ValueError('the model has no denoiser, so it has no denoised variant; ask for variants=("raw",)')
+    H, W = _size_tuple(size)
+    if H % dvt.patch_size or W % dvt.patch_size:
+        raise ValueError(f'size {H}x{W} is not a multiple of the patch size {dvt.patch_size}')
+    mean, std = mean_std(dvt)
+    images = [Path(p) for p in images]
+    names = list(names) if names is not None else [p.stem for p in images]
+    if len(names) != len(images):
+        raise ValueError(f'{len(names)} names for {len(images)} images')
+    cache, tags = None, {}
+    if cache_dir is not None:
+        # Raw maps are keyed by the backbone's weights alone, denoised ones also by the denoiser's, so that
+        # raw features are reused across denoisers.
+        cache = Path(cache_dir) / f'{model_fingerprint(dvt.backbone)[:16]}-{H}x{W}'
+        cache.mkdir(parents=True, exist_ok=True)
+        tags = {'raw': 'raw'}
+        if 'denoised' in variants:
+            tags['denoised'] = f'denoised-{model_fingerprint(dvt.denoiser)[:12]}'
+    meta = {'format': _CACHE_FORMAT, 'model': dvt.backbone_name, 'input_size': f'{H},{W}'}
+
+    def cache_file(path: Path, variant: str) -> Path:
+        return cache / f'{_cache_key(str(path.resolve()))}.{tags[variant]}.safetensors'
+
+    kept: List[int] = []
+    sizes: List[Tuple[int, int]] = []
+    out: Dict[str, List[torch.Tensor]] = {v: [] for v in variants}
+    todo: List[Tuple[int, Path, torch.Tensor]] = []  # (slot in the output, image, input tensor)
+
+    def flush() -> None:
+        if not todo:
+            return
+        x = torch.stack([t for _, _, t in todo])
+        if 'denoised' in variants:
+            raw, clean = dvt.raw_and_denoised(x)
+            maps = {'raw': raw.float(), 'denoised': clean.float()}
+        else:
+            was = dvt.denoising
+            try:
+                maps = {'raw': dvt.denoise(False).feature_map(x).float()}
+            finally:
+                dvt.denoise(was)
+        for j, (slot, path, _) in enumerate(todo):
+            for v in variants:
+                out[v][slot] = maps[v][j]
+                if cache is not None:
+                    _write_maps(cache_file(path, v), {v: maps[v][j]}, meta)
+        todo.clear()
+
+    for i, path in enumerate(tqdm(images, desc='features', disable=not progress)):
+        try:
+            img = load_image(path)
+        except ValueError as e:
+            _logger.warning('skipping %s', e)
+            continue
+        kept.append(i)
+        sizes.append(img.size)
+        for v in variants:
+            out[v].append(None)
+        if cache is not None and all(cache_file(path, v).is_file() for v in variants):
+            try:
+                for v in variants:
+                    out[v][-1] = _read_maps(cache_file(path, v), _CACHE_FORMAT, required=v)[0][v]
+                continue
+            except ValueError as e:
+                _logger.warning('recomputing: %s', e)
+        todo.append((len(kept) - 1, path, image_to_tensor(img, (H, W), mean, std)))
+        if len(todo) >= batch_size:
+            flush()
+    flush()
+    if not kept:
+        raise ValueError('none of the images could be read')
+    return FeatureSet(
+        names=[names[i] for i in kept], maps={v: torch.stack(out[v]) for v in variants}, input_size=(H, W),
+        image_sizes=sizes, model=dvt.backbone_name or None, reference=zero_input_map(dvt, (H, W)))
+
+
+def load_stage1(
+        folder: PathLike,
+        names: Optional[Sequence[str]] = None,
+        reference: Optional[torch.Tensor] = None,
+) -> FeatureSet:
+    """Read stored stage-1 outputs (`<image stem>.safetensors` with `raw` and `denoised` (h, w, C) tensors
+    and metadata format 'dvt-timm-stage1').
+
+    With `names`, the files `<Path(name).name>.safetensors` are read in that order (missing or malformed
+    ones are logged and skipped); otherwise every file in the folder. All maps must share one grid.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'no stage-1 feature folder at {folder}')
+    if names is None:
+        files = sorted(folder.glob('*.safetensors'))
+        names = [p.stem for p in files]
+    else:
+        files = [folder / f'{Path(n).name}.safetensors' for n in names]
+    kept, maps, meta0 = [], {}, None
+    for name, path in zip(names, files):
+        if not path.is_file():
+            _logger.warning('skipping %s: no stage-1 file %s', name, path)
+            continue
+        try:
+            per_image, meta = _read_maps(path, STAGE1_FORMAT)
+        except ValueError as e:
+            _logger.warning('skipping %s', e)
+            continue
+        if meta0 is None:
+            meta0, first = meta, path
+            for v in per_image:
+                maps[v] = []
+        if set(per_image) != set(maps):
+            raise ValueError(f'{path} holds {sorted(per_image)} but {first} holds {sorted(maps)}')
+        shape = next(iter(maps.values()))[0].shape if kept else None
+        if shape is not None and per_image['raw'].shape != shape:
+            raise ValueError(f'{path}: maps of shape {tuple(per_image["raw"].shape)} differ from {first}\'s '
+                             f'{tuple(shape)}; evaluate stage-1 outputs of one input size together')
+        kept.append(name)
+        for v, m in per_image.items():
+            maps[v].append(m)
+    if not kept:
+        raise ValueError(f'{folder}: no readable {STAGE1_FORMAT} files' + (' for the given images' if names else ''))
+    size = meta0.get('input_size', '')
+    try:
+        input_size = tuple(int(s) for s in size.split(','))
+        assert len(input_size) == 2
+    except (ValueError, AssertionError):
+        grid = next(iter(maps.values()))[0].shape[-2:]
+        input_size = tuple(grid)  # unknown; the grid is what the protocols need
+        _logger.warning('%s: metadata input_size %r unreadable; using the grid %s', first, size, input_size)
+    return FeatureSet(names=kept, maps={v: torch.stack(m) for v, m in maps.items()}, input_size=input_size,
+                      model=meta0.get('model'), reference=reference)

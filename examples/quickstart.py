@@ -1,0 +1,82 @@
+"""Quickstart: load a DVT model, denoise, toggle the denoiser, and save a PCA picture of raw vs denoised features.
+
+    python examples/quickstart.py                                   # examples/assets/chelsea.png at 448 px
+    python examples/quickstart.py --image my.jpg --out my_pca.png
+
+Weights: --backbone-checkpoint / --denoiser-checkpoint when given; else the DINOv2 ViT-S/14 in
+$DVT_SHARED/weights (or ../shared/weights next to the repository) with an untrained denoiser; else timm's and
+the authors' pretrained weights from the Hugging Face Hub.
+"""
+import argparse
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+import dvt_timm  # noqa: F401  (registers the dvt_* models with timm)
+from dvt_timm.data import image_to_tensor, load_image
+from dvt_timm.visualize import pca_rgb
+
+HERE = Path(__file__).resolve().parent
+
+
+def shared_backbone() -> Optional[Path]:
+    """The shared DINOv2 ViT-S/14 weights, if this checkout has them."""
+    for root in (os.environ.get('DVT_SHARED'), HERE.parent.parent / 'shared'):
+        if root and (Path(root) / 'weights' / 'dinov2_vits14.safetensors').is_file():
+            return Path(root) / 'weights' / 'dinov2_vits14.safetensors'
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--image', default=str(HERE / 'assets' / 'chelsea.png'))
+    parser.add_argument('--model', default='dvt_vit_small_patch14_dinov2')
+    parser.add_argument('--backbone-checkpoint', default=None)
+    parser.add_argument('--denoiser-checkpoint', default=None)
+    parser.add_argument('--size', type=int, default=448, help='input side, a multiple of the patch size')
+    parser.add_argument('--out', default='quickstart_pca.png')
+    args = parser.parse_args()
+
+    backbone = args.backbone_checkpoint or shared_backbone()
+    if backbone is None:  # everything from the Hub
+        model = timm.create_model(args.model, pretrained=True, denoiser_checkpoint=args.denoiser_checkpoint)
+    else:
+        model = timm.create_model(args.model, backbone_checkpoint=backbone, denoiser_checkpoint=args.denoiser_checkpoint)
+        if args.denoiser_checkpoint is None:
+            print('note: no --denoiser-checkpoint, so the denoiser is untrained and "denoised" is only a demo')
+    model.eval()
+
+    cfg = timm.data.resolve_model_data_config(model)
+    image = load_image(args.image)
+    x = image_to_tensor(image, args.size, cfg['mean'], cfg['std'])[None]
+
+    with torch.inference_mode():
+        clean = model.feature_map(x)                      # denoised (the default)
+        raw = model.denoise(False).feature_map(x)         # toggled off: the plain backbone
+        model.denoise(True)
+        raw2, clean2 = model.raw_and_denoised(x)          # both from one backbone pass
+    assert torch.allclose(raw, raw2, atol=1e-5) and torch.allclose(clean, clean2, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(raw, clean, dim=1).mean()
+    print(f'{model.backbone_name}: feature maps {tuple(clean.shape)} (B, C, h, w); '
+          f'mean cosine(raw, denoised) = {cos:.3f}')
+
+    # PCA fitted on raw and denoised tokens together, so that the two pictures share colours.
+    rgb_raw, rgb_clean = pca_rgb([raw[0], clean[0]])
+    side = 336
+    panels = [image.resize((side, side), Image.BICUBIC)] + [
+        Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize((side, side), Image.NEAREST)
+        for r in (rgb_raw, rgb_clean)]
+    canvas = Image.new('RGB', (3 * side, side))
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * side, 0))
+    canvas.save(args.out)
+    print(f'wrote {args.out}: input | PCA raw | PCA denoised')
+
+
+if __name__ == '__main__':
+    main()

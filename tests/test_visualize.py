@@ -1,0 +1,96 @@
+"""Feature pictures: PCA, K-means, colormaps, the figure, and the `visualize` command."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dvt_timm.evaluation.commands import add_visualize_parser
+from dvt_timm.visualize import cluster_colors, colormap, feature_figure, kmeans, pca_fit, pca_rgb
+
+
+def test_colormap_endpoints_and_errors():
+    v = torch.tensor([[0.0, 0.5, 1.0, 2.0]])
+    rgb = colormap(v)
+    assert rgb.shape == (1, 4, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [68, 1, 84] and rgb[0, 2].tolist() == [253, 231, 37]
+    assert rgb[0, 3].tolist() == rgb[0, 2].tolist()  # clamped
+    assert colormap(torch.tensor([0.5]), 'coolwarm')[0].tolist() == [221, 221, 221]  # white-ish centre
+    with pytest.raises(ValueError, match='unknown colormap'):
+        colormap(v, 'jet')
+    assert cluster_colors(torch.tensor([0, 1, 12])).tolist()[2] == cluster_colors(torch.tensor([0])).tolist()[0]
+
+
+def test_pca_finds_the_dominant_directions():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    coeffs = torch.randn(500, 16, generator=g) * torch.tensor([10.0, 5.0, 2.0] + [0.1] * 13)
+    mean, comps = pca_fit(coeffs @ basis.T + 3)
+    assert torch.allclose(mean, torch.full((16,), 3.0), atol=1.5)
+    assert torch.allclose(comps @ comps.T, torch.eye(3), atol=1e-4)
+    # Components match the planted basis up to sign, in order of variance.
+    assert torch.allclose((comps @ basis[:, :3]).abs(), torch.eye(3), atol=0.05)
+
+
+def test_pca_rgb_is_joint_and_in_range():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 6, 6, generator=g)
+    rgbs = pca_rgb([a, a.clone(), 2 * a])
+    assert all(r.shape == (3, 6, 6) and r.min() >= 0 and r.max() <= 1 for r in rgbs)
+    assert torch.equal(rgbs[0], rgbs[1])  # one projection for all maps: equal features, equal colours
+    assert not torch.equal(rgbs[0], rgbs[2])
+
+
+def test_kmeans_separates_blobs_deterministically():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.eye(4)[:3] * 5
+    sizes = [50, 30, 20]
+    x = torch.cat([c + 0.1 * torch.randn(n, 4, generator=g) for c, n in zip(centres, sizes)])
+    labels = kmeans(x, 3, seed=0)
+    assert labels.tolist() == [0] * 50 + [1] * 30 + [2] * 20  # ids ordered by cluster size
+    assert torch.equal(labels, kmeans(x, 3, seed=0))
+    assert sorted(kmeans(x[:2], 5).tolist()) == [0, 1]  # k capped at the number of points
+
+
+def test_feature_figure_layout_and_errors():
+    g = torch.Generator().manual_seed(3)
+    images = [Image.new('RGB', (40, 30), (200, 10, 10)), Image.new('RGB', (20, 20), (10, 200, 10))]
+    raw = torch.randn(2, 8, 4, 6, generator=g)
+    fig = feature_figure(images, raw, raw + 0.1, panel_size=60, names=['a', 'b'])
+    # 1 input + 4 kinds x 2 variants, panels 60 x 40 (the grid's aspect), 4 px gaps, 16 px header.
+    assert fig.size == (9 * 64 + 4, 16 + 2 * 44 + 4)
+    assert feature_figure(images, raw, None, panel_size=60).size == (5 * 64 + 4, 16 + 2 * 44 + 4)
+    with pytest.raises(ValueError, match='do not match'):
+        feature_figure(images[:1], raw)
+    with pytest.raises(ValueError, match='fractional'):
+        feature_figure(images, raw, patch=(2, 0))
+    with pytest.raises(ValueError, match='differ from raw'):
+        feature_figure(images, raw, raw[:, :4])
+
+
+def _visualize(argv):
+    parser = argparse.ArgumentParser()
+    add_visualize_parser(parser.add_subparsers(dest='command'))
+    args = parser.parse_args(['visualize', *argv])
+    return args.func(args)
+
+
+def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_path):
+    out = tmp_path / 'fig.png'
+    path = _visualize([str(p) for p in sample_images[:2]] + [
+        '--model', 'dvt_vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint), '--no-pretrained',
+        '--size', '112', '--panel-size', '64', '--clusters', '4', '--out', str(out)])
+    assert path == out
+    with Image.open(out) as img:
+        assert img.format == 'PNG' and img.size == (9 * 68 + 4, 16 + 2 * 68 + 4)
+        arr = np.asarray(img.convert('RGB'))
+    assert arr[20:80, 72:136].std() > 10  # the PCA panel is a picture, not a blank
+    with pytest.raises(ValueError, match='ROW,COL'):
+        _visualize([str(sample_images[0]), '--model', 'x', '--patch', 'middle', '--out', str(out)])
+    with pytest.raises(FileNotFoundError, match='no image'):
+        _visualize([str(tmp_path / 'missing.png'), '--model', 'x', '--out', str(out)])
+    with pytest.raises(ValueError, match='.png'):
+        _visualize([str(sample_images[0]), '--model', 'dvt_vit_small_patch14_dinov2', '--backbone-checkpoint',
+                    str(vits_checkpoint), '--no-pretrained', '--raw-only', '--size', '56', '--out',
+                    str(tmp_path / 'fig.jpg')])
