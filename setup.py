@@ -15,7 +15,11 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',
-    packages=find_packages(include=['dvt_timm', 'dvt_timm.*']),
+    # weights/ (shipped denoisers and the manifest of Hub releases) installs as dvt_timm.weights.
+    packages=find_packages(include=['dvt_timm', 'dvt_timm.*']) + ['dvt_timm.weights'],
+    package_dir={'dvt_timm.weights': 'weights'},
+    package_data={'dvt_timm.weights': ['manifest.json', '*/config.json', '*/model.safetensors', '*/README.md',
+                                       '*/*.txt', '*/*.png']},
     install_requires=[
         'torch>=2.1',
         'timm>=1.0.15,<1.1',

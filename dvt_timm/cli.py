@@ -7,15 +7,10 @@ from typing import List, Optional
 __all__ = ['main']
 
 
-def backbone_id(name: str) -> str:
-    """Accept a timm backbone id or a registered `dvt_*` name."""
-    from .registry import backbone_for
-    return backbone_for(name) if name.startswith('dvt_') else name
-
-
 def _convert(args: argparse.Namespace) -> None:
     from .model import DenoisedViT
-    model = DenoisedViT(backbone_id(args.model), denoiser_checkpoint=args.src)
+    from .registry import resolve_backbone
+    model = DenoisedViT(resolve_backbone(args.model), denoiser_checkpoint=args.src)
     model.save_pretrained(args.out_dir)
     print(f'wrote {args.out_dir} (denoiser for {model.backbone_name})')
 

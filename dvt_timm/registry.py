@@ -2,13 +2,18 @@
 
 Importing `dvt_timm` runs this module, after which `timm.create_model('dvt_vit_base_patch14_dinov2',
 pretrained=True)` builds the backbone with timm's own pretrained weights and fetches the denoiser from
-the Hugging Face Hub. Tags are `<backbone tag>_<denoiser training set>`, e.g. `lvd142m_voc`; the first
-tag of each architecture is its default.
+the Hugging Face Hub. The releases are listed in `weights/manifest.json`: the authors' denoisers, tagged
+`<backbone tag>_<training set>` (e.g. `lvd142m_voc`), and denoisers shipped in `weights/`. The first tag
+of each architecture is its default.
 """
+import json
+import logging
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
@@ -17,33 +22,20 @@ from .checkpoint import backbone_arch
 from .hub import fetch_denoiser
 from .model import DenoisedViT, default_input_size
 
-__all__ = ['AUTHORS_HUB_REPO', 'backbone_for']
+__all__ = ['AUTHORS_HUB_REPO', 'backbone_for', 'resolve_backbone', 'check_checkpoints', 'load_model']
+
+_logger = logging.getLogger(__name__)
 
 AUTHORS_HUB_REPO = 'jjiaweiyang/DVT'
+_WEIGHTS = resources.files('dvt_timm.weights')
 
-# Backbone (timm id) -> the authors' release folders holding a denoiser for it (`<set>_denoised/<id>.pth`).
-_AUTHORS_RELEASES = {
-    'vit_small_patch14_dinov2.lvd142m': ('voc',),
-    'vit_base_patch14_dinov2.lvd142m': ('voc', 'imgnet'),
-    'vit_large_patch14_dinov2.lvd142m': ('voc',),
-    'vit_small_patch14_reg4_dinov2.lvd142m': ('voc',),
-    'vit_base_patch14_reg4_dinov2.lvd142m': ('voc',),
-    'vit_large_patch14_reg4_dinov2.lvd142m': ('voc',),
-    'vit_base_patch16_224.dino': ('voc',),
-    'vit_base_patch16_224.mae': ('voc',),
-    'vit_base_patch16_clip_384.laion2b_ft_in12k_in1k': ('voc',),
-    'vit_base_patch16_384.augreg_in21k_ft_in1k': ('voc',),
-    'eva02_base_patch16_clip_224.merged2b': ('voc',),
-    'deit3_base_patch16_224.fb_in1k': ('voc',),
-}
-
-# `dvt_<arch>.<tag>` -> backbone timm id, for every pretrained tag below.
+# `dvt_<arch>.<tag>` -> backbone timm id, for every pretrained tag in the manifest.
 _BACKBONES: Dict[str, str] = {}
 
 
 def _cfg(backbone: str, **kwargs: Any) -> Dict[str, Any]:
     """A pretrained cfg: the backbone's normalisation and classes, DVT's input size (518 or 512)."""
-    src = get_pretrained_cfg(backbone)
+    src = get_pretrained_cfg(backbone) or get_pretrained_cfg(backbone_arch(backbone))
     size = default_input_size(int(backbone.split('patch')[1][:2]))
     return dict(
         input_size=(3, size, size), interpolation='bicubic', crop_pct=1.0, crop_mode='center',
@@ -52,21 +44,21 @@ def _cfg(backbone: str, **kwargs: Any) -> Dict[str, Any]:
         paper_ids='arXiv:2401.02957', **kwargs)
 
 
-def _authors_cfgs() -> Dict[str, Dict[str, Any]]:
+def _manifest_cfgs() -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs from `weights/manifest.json`: Hub files, or folders shipped in `weights/`."""
+    manifest = json.loads(_WEIGHTS.joinpath('manifest.json').read_text())
     cfgs = {}
-    for backbone, sets in _AUTHORS_RELEASES.items():
-        arch, backbone_tag = backbone.split('.')
-        for train_set in sets:
-            name = f'dvt_{arch}.{backbone_tag}_{train_set}'
-            _BACKBONES[name] = backbone
-            cfgs[name] = _cfg(
-                backbone, hf_hub_id=AUTHORS_HUB_REPO, hf_hub_filename=f'{train_set}_denoised/{backbone}.pth',
-                origin_url='https://github.com/Jiawei-Yang/Denoising-ViT',
-                notes=(f'denoiser trained by the DVT authors on {train_set.upper()} (MIT)',))
+    for rel in manifest['releases']:
+        _BACKBONES[rel['model']] = rel['backbone']
+        if 'folder' in rel:
+            source = dict(file=str(_WEIGHTS.joinpath(rel['folder'])))
+        else:
+            source = dict(hf_hub_id=rel['hf_hub_id'], hf_hub_filename=rel.get('hf_hub_filename', ''))
+        cfgs[rel['model']] = _cfg(rel['backbone'], notes=(rel['notes'],), **source)
     return cfgs
 
 
-default_cfgs = generate_default_cfgs(_authors_cfgs())
+default_cfgs = generate_default_cfgs(_manifest_cfgs())
 
 
 def backbone_for(model_name: str) -> str:
@@ -78,6 +70,50 @@ def backbone_for(model_name: str) -> str:
         if backbone_arch(name) == arch:
             return backbone
     raise ValueError(f'{model_name} is not a dvt-timm model')
+
+
+def resolve_backbone(name: str) -> str:
+    """A timm backbone id for a user-given name: registered `dvt_*` names map to their backbone."""
+    return backbone_for(name) if name.startswith('dvt_') else name
+
+
+def check_checkpoints(*paths: Optional[str]) -> None:
+    """Fail early, naming the path, when a checkpoint that was asked for does not exist."""
+    for path in paths:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f'checkpoint not found: {path}')
+
+
+def load_model(
+        name: str,
+        backbone_checkpoint: Optional[str] = None,
+        denoiser_checkpoint: Optional[str] = None,
+        pretrained: bool = True,
+        need_denoiser: bool = True,
+) -> DenoisedViT:
+    """A `DenoisedViT` in eval mode from a `dvt_*` name or a timm backbone id, as the CLI builds it.
+
+    Weights come from the checkpoints when given, else (with `pretrained`) from timm / the Hub. Without
+    `need_denoiser` no denoiser is fetched (raw features never touch it).
+    """
+    check_checkpoints(backbone_checkpoint, denoiser_checkpoint)
+    denoiser_checkpoint = denoiser_checkpoint if need_denoiser else None
+    fetch_backbone = pretrained and backbone_checkpoint is None
+    fetch_denoiser = pretrained and need_denoiser and denoiser_checkpoint is None and name.startswith('dvt_')
+    if not name.startswith('dvt_'):
+        model = DenoisedViT(name, pretrained=fetch_backbone, backbone_checkpoint=backbone_checkpoint,
+                            denoiser_checkpoint=denoiser_checkpoint)
+    elif fetch_denoiser:  # timm's pretrained path: the released denoiser (and the backbone, unless given)
+        model = timm.create_model(name, pretrained=True, backbone_checkpoint=backbone_checkpoint)
+    elif fetch_backbone:  # the backbone's pretrained weights without fetching a denoiser
+        model = DenoisedViT(backbone_for(name), pretrained=True, denoiser_checkpoint=denoiser_checkpoint)
+    else:
+        model = timm.create_model(name, pretrained=False, backbone_checkpoint=backbone_checkpoint,
+                                  denoiser_checkpoint=denoiser_checkpoint)
+    if need_denoiser and denoiser_checkpoint is None and not fetch_denoiser:
+        _logger.warning('the denoiser is randomly initialised (no denoiser checkpoint): its "denoised" '
+                        'output only exercises the mechanics')
+    return model.eval()
 
 
 def _pretrained_denoiser(cfg: PretrainedCfg, cache_dir: Optional[str]) -> Path:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from conftest import shared_path
 from dvt_timm.evaluation import (
@@ -18,8 +17,10 @@ from dvt_timm.evaluation import (
     extract_features, find_label_pairs, knn_segmentation, linear_probe, load_stage1, lost_box, lost_discovery,
     read_boxes, read_label, voc_colormap,
 )
-from dvt_timm.evaluation.commands import add_evaluate_parser, build_model, format_table
+from dvt_timm.evaluation.commands import add_evaluate_parser, format_table
 from dvt_timm.evaluation.scores import upsample_argmax
+from dvt_timm.fields.outputs import write_stage1
+from dvt_timm.registry import load_model
 
 VITS = 'dvt_vit_small_patch14_dinov2'
 
@@ -234,11 +235,11 @@ def test_read_boxes(tmp_path):
 
 # ---------------------------------------------------------------------------------- feature sources
 def _write_stage1(folder: Path, name: str, raw: torch.Tensor, denoised: torch.Tensor, **meta) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    metadata = {'format': 'dvt-timm-stage1', 'model': 'vit_small_patch14_dinov2.lvd142m', 'input_size': '112,112'}
-    metadata.update(meta)
-    save_file({'raw': raw.permute(1, 2, 0).half().contiguous(), 'denoised': denoised.permute(1, 2, 0).contiguous()},
-              str(folder / f'{name}.safetensors'), metadata=metadata)
+    """A stage-1 file as `dvt-timm denoise-images` writes it, from (C, h, w) maps (112 px input)."""
+    patch = str(112 // raw.shape[-1])
+    metadata = {'model': 'vit_small_patch14_dinov2.lvd142m', 'input_size': '112,112', 'patch_size': patch, **meta}
+    write_stage1(folder / f'{name}.safetensors', raw.permute(1, 2, 0), denoised.permute(1, 2, 0), metadata,
+                 dtype=torch.float32)
 
 
 def test_load_stage1_folder(tmp_path, caplog):
@@ -251,7 +252,7 @@ def test_load_stage1_folder(tmp_path, caplog):
         fs = load_stage1(tmp_path / 's1', names=['images/c', 'a', 'missing', 'wrong'])
     assert fs.names == ['images/c', 'a'] and fs.input_size == (112, 112) and fs.grid == (4, 4)
     assert 'missing' in caplog.text and "format is 'something-else'" in caplog.text
-    assert torch.allclose(fs.maps['raw'][0], maps['c'][0].half().float())
+    assert torch.equal(fs.maps['raw'][0], maps['c'][0])
     assert torch.equal(fs.maps['denoised'][1], maps['a'][1])
     _write_stage1(tmp_path / 's2', 'x', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4))
     _write_stage1(tmp_path / 's2', 'y', torch.zeros(8, 5, 5), torch.zeros(8, 5, 5))
@@ -263,7 +264,7 @@ def test_load_stage1_folder(tmp_path, caplog):
 
 @pytest.fixture(scope='module')
 def vits(vits_checkpoint):
-    return build_model(VITS, str(vits_checkpoint), pretrained=False)
+    return load_model(VITS, str(vits_checkpoint), pretrained=False)
 
 
 def test_extract_features_one_pass_and_disk_cache(vits, sample_images, tmp_path):

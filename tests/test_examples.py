@@ -37,3 +37,13 @@ def test_probe_segmentation(tmp_path):
     out = _run('probe_segmentation.py', '--size', '112', '--limit', '5', '--probe-steps', '10', cwd=tmp_path)
     assert '5 images' in out and 'knn-centroid' in out and 'linear' in out and 'mIoU %' in out
     assert 'probe: 3 training / 2 held-out images' in out
+
+
+def test_train_your_own(tmp_path):
+    """Image folder -> stage 1 -> stage 2 -> a denoiser that loads with from_pretrained (tiny settings)."""
+    shared_path('weights', 'dinov2_vits14.safetensors')
+    out = _run('train_your_own.py', '--out', 'run', '--views', '2', '--iterations', '20', '--image-size', '112',
+               '--epochs', '2', '--batch-size', '2', cwd=tmp_path)
+    assert 'stage 1: 5 done, 0 skipped (already done), 0 failed' in out
+    assert 'stage 2: 2 steps' in out and 'loaded run/denoiser' in out and '(1, 384, 8, 8)' in out
+    assert sorted(p.name for p in (tmp_path / 'run' / 'denoiser').iterdir()) >= ['config.json', 'model.safetensors']

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dvt_timm import DenoisedViT
 from dvt_timm.fields import FieldSettings, HashGridConfig, decompose, denoise_image, image_seed, sample_indices
-from dvt_timm.fields.folder import read_stage1
+from dvt_timm.fields.outputs import read_stage1
 from dvt_timm.fields.views import View, render_views, sample_views, view_coords
 
 
@@ -140,8 +140,8 @@ def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_chec
     names = sorted(p.name for p in clean.glob('*.safetensors'))
     assert names == sorted(p.name for p in killed.glob('*.safetensors')) and len(names) == 5
     for name in names:
-        raw_a, den_a, meta = read_stage1(killed / name)
+        raw_a, den_a, item = read_stage1(killed / name)
         raw_b, den_b, _ = read_stage1(clean / name)
         assert torch.equal(raw_a, raw_b) and torch.equal(den_a, den_b), name
     assert raw_a.shape == (8, 8, 384)
-    assert meta['model'] == 'vit_small_patch14_dinov2' and meta['input_size'] == '112,112'
+    assert item.model == 'vit_small_patch14_dinov2' and item.input_size == (112, 112) and item.patch_size == 14

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..checkpoint import atomic_write
 from ..data import list_images, load_image
+from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
 from .knn import knn_segmentation
 from .labels import LABEL_FORMATS, LabeledFolder, image_key, find_label_pairs
@@ -23,7 +24,7 @@ from .linear_probe import linear_probe
 from .lost import boxes_from_label, lost_discovery, read_boxes
 from .metrics import artifact_metrics
 
-__all__ = ['add_evaluate_parser', 'add_visualize_parser', 'run_evaluate', 'run_visualize', 'build_model',
+__all__ = ['add_evaluate_parser', 'add_visualize_parser', 'run_evaluate', 'run_visualize',
            'format_table']
 
 _logger = logging.getLogger(__name__)
@@ -40,45 +41,6 @@ _TABLE_ROWS = {
     'linear': [('miou', 'mIoU %', True), ('macc', 'mAcc %', True), ('pixel_acc', 'pixel acc %', True)],
     'lost': [('corloc', 'CorLoc %', True)],
 }
-
-
-# ------------------------------------------------------------------------------------------------ model
-def build_model(name: str, backbone_checkpoint: Optional[str] = None, denoiser_checkpoint: Optional[str] = None,
-                pretrained: bool = True, need_denoiser: bool = True) -> torch.nn.Module:
-    """A `DenoisedViT` from a `dvt_*` model name or a timm backbone id.
-
-    Weights come from the checkpoints when given, else (with `pretrained`) from timm / the Hub. Without
-    `need_denoiser` no denoiser is fetched (the raw features never touch it).
-    """
-    import timm
-
-    from ..model import DenoisedViT
-    from ..registry import backbone_for  # importing the package registered the dvt_* models with timm
-
-    _check_checkpoints(backbone_checkpoint, denoiser_checkpoint)
-    denoiser_checkpoint = denoiser_checkpoint if need_denoiser else None
-    fetch_backbone = pretrained and backbone_checkpoint is None
-    fetch_denoiser = pretrained and need_denoiser and denoiser_checkpoint is None and name.startswith('dvt_')
-    if not name.startswith('dvt_'):
-        model = DenoisedViT(name, pretrained=fetch_backbone, backbone_checkpoint=backbone_checkpoint,
-                            denoiser_checkpoint=denoiser_checkpoint)
-    elif fetch_denoiser:  # timm's pretrained path: the authors' denoiser (and the backbone, unless given)
-        model = timm.create_model(name, pretrained=True, backbone_checkpoint=backbone_checkpoint)
-    elif fetch_backbone:  # the backbone's pretrained weights without fetching a denoiser
-        model = DenoisedViT(backbone_for(name), pretrained=True, denoiser_checkpoint=denoiser_checkpoint)
-    else:
-        model = timm.create_model(name, pretrained=False, backbone_checkpoint=backbone_checkpoint,
-                                  denoiser_checkpoint=denoiser_checkpoint)
-    if need_denoiser and denoiser_checkpoint is None and not fetch_denoiser:
-        _logger.warning('the denoiser is randomly initialised (no --denoiser-checkpoint): its "denoised" '
-                        'numbers only exercise the mechanics')
-    return model.eval()
-
-
-def _check_checkpoints(*paths: Optional[str]) -> None:
-    for path in paths:
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f'checkpoint not found: {path}')
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -218,7 +180,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     needs_labels = bool({'knn', 'linear'} & set(protocols)) or ('lost' in protocols and args.boxes_from_masks)
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)  # weights without a checkpoint (a test denoiser) initialise the same every run
-    _check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
+    check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
 
     # --- images and labels
     labeled: Optional[LabeledFolder] = None
@@ -241,7 +203,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.features is not None:
         model = None
         if args.model is not None:  # only for the zero-input reference of the artifact metrics
-            model = build_model(args.model, args.backbone_checkpoint, None, not args.no_pretrained, need_denoiser=False)
+            model = load_model(args.model, args.backbone_checkpoint, None, not args.no_pretrained, need_denoiser=False)
         fs = load_stage1(args.features, names=names)
         if args.limit and names is None:
             fs = fs.select(fs.names[:args.limit])
@@ -255,7 +217,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             by_name = dict(zip(names, images))
             fs.image_sizes = _image_sizes([by_name[n] for n in fs.names])
     else:
-        model = build_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
+        model = load_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
                             need_denoiser='denoised' in variants)
         fs = extract_features(model, images, size, variants, names=names, batch_size=args.batch_size,
                               cache_dir=args.cache, progress=True)
@@ -397,7 +359,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.suffix.lower() != '.png':
         raise ValueError(f'--out must be a .png file, got {out}')
-    _check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
+    check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
@@ -405,7 +367,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
     if args.features is not None:
         fs = load_stage1(args.features, names=names)
     else:
-        model = build_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
+        model = load_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
                             need_denoiser=not args.raw_only)
         fs = extract_features(model, paths, _size(args.size), variants, names=names, batch_size=args.batch_size,
                               cache_dir=args.cache, progress=True)

@@ -18,15 +18,15 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write
 from ..data import image_to_tensor, load_image
+from ..fields.outputs import Stage1Error, read_stage1
 
 __all__ = [
-    'STAGE1_FORMAT', 'VARIANTS', 'FeatureSet', 'extract_features', 'load_stage1', 'zero_input_map', 'mean_std',
+    'VARIANTS', 'FeatureSet', 'extract_features', 'load_stage1', 'zero_input_map', 'mean_std',
     'model_fingerprint',
 ]
 
 _logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-STAGE1_FORMAT = 'dvt-timm-stage1'
 _CACHE_FORMAT = 'dvt-timm-feature-cache'
 VARIANTS = ('raw', 'denoised')
 
@@ -109,7 +109,7 @@ def _cache_key(name: str) -> str:
 
 
 def _read_maps(path: Path, expected_format: str, required: str = 'raw') -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(variant -> (C, h, w) float32, metadata) from a stage-1 or cache file holding at least the `required`
+    """(variant -> (C, h, w) float32, metadata) from a feature-cache file holding at least the `required`
     variant; ValueError naming the file."""
     try:
         with safe_open(str(path), framework='pt') as f:
@@ -269,38 +269,24 @@ def load_stage1(
         names = [p.stem for p in files]
     else:
         files = [folder / f'{Path(n).name}.safetensors' for n in names]
-    kept, maps, meta0 = [], {}, None
+    kept, maps, first = [], {v: [] for v in VARIANTS}, None
     for name, path in zip(names, files):
         if not path.is_file():
             _logger.warning('skipping %s: no stage-1 file %s', name, path)
             continue
         try:
-            per_image, meta = _read_maps(path, STAGE1_FORMAT)
-        except ValueError as e:
+            raw, denoised, item = read_stage1(path)
+        except Stage1Error as e:
             _logger.warning('skipping %s', e)
             continue
-        if meta0 is None:
-            meta0, first = meta, path
-            for v in per_image:
-                maps[v] = []
-        if set(per_image) != set(maps):
-            raise ValueError(f'{path} holds {sorted(per_image)} but {first} holds {sorted(maps)}')
-        shape = next(iter(maps.values()))[0].shape if kept else None
-        if shape is not None and per_image['raw'].shape != shape:
-            raise ValueError(f'{path}: maps of shape {tuple(per_image["raw"].shape)} differ from {first}\'s '
-                             f'{tuple(shape)}; evaluate stage-1 outputs of one input size together')
+        if first is not None and item.grid != first.grid:
+            raise ValueError(f'{path}: maps of grid {item.grid} differ from {first.path}\'s {first.grid}; '
+                             'evaluate stage-1 outputs of one input size together')
+        first = first or item
         kept.append(name)
-        for v, m in per_image.items():
-            maps[v].append(m)
+        maps['raw'].append(raw.permute(2, 0, 1))
+        maps['denoised'].append(denoised.permute(2, 0, 1))
     if not kept:
-        raise ValueError(f'{folder}: no readable {STAGE1_FORMAT} files' + (' for the given images' if names else ''))
-    size = meta0.get('input_size', '')
-    try:
-        input_size = tuple(int(s) for s in size.split(','))
-        assert len(input_size) == 2
-    except (ValueError, AssertionError):
-        grid = next(iter(maps.values()))[0].shape[-2:]
-        input_size = tuple(grid)  # unknown; the grid is what the protocols need
-        _logger.warning('%s: metadata input_size %r unreadable; using the grid %s', first, size, input_size)
-    return FeatureSet(names=kept, maps={v: torch.stack(m) for v, m in maps.items()}, input_size=input_size,
-                      model=meta0.get('model'), reference=reference)
+        raise ValueError(f'{folder}: no readable stage-1 files' + (' for the given images' if names else ''))
+    return FeatureSet(names=kept, maps={v: torch.stack(m) for v, m in maps.items()}, input_size=first.input_size,
+                      model=first.model, reference=reference)

@@ -1,6 +1,6 @@
 """`dvt-timm denoise-images`: stage 1 over an image folder or list file."""
 import argparse
-import logging
+import os
 from pathlib import Path
 
 import torch
@@ -12,20 +12,16 @@ from .pipeline import resolve_settings
 
 __all__ = ['add_denoise_images_parser']
 
-_logger = logging.getLogger(__name__)
-
 
 def _run(args: argparse.Namespace) -> None:
-    from ..cli import backbone_id
-    from ..model import DenoisedViT
+    from ..registry import load_model
     images = list_images(args.images)
     if not images:
         raise ValueError(f'no images found in {args.images}')
-    name = backbone_id(args.model)
-    model = DenoisedViT(name, pretrained=args.backbone_checkpoint is None, backbone_checkpoint=args.backbone_checkpoint)
+    model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
     device = torch.device(args.device) if args.device else None
     if device is None and torch.cuda.is_available():
-        device = torch.device('cuda', int(__import__('os').environ.get('LOCAL_RANK', 0)))
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     overrides = dict(n_views=args.views, iterations=args.iterations, samples_per_step=args.samples_per_step,
                      lr=args.lr, image_size=args.image_size, seed=args.seed, amp=args.amp)
     settings = resolve_settings(PRESETS[args.preset].with_overrides(**overrides), model.patch_size)

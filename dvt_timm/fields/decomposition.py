@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import distance
 from .encoding import HashGridConfig, MultiHashGrid
 
 __all__ = [
-    'FieldSettings', 'PRESETS', 'ImageFields', 'Decomposition', 'decompose', 'distance', 'image_seed',
+    'FieldSettings', 'PRESETS', 'ImageFields', 'Decomposition', 'decompose', 'image_seed',
     'sample_indices',
 ]
 
@@ -52,11 +53,12 @@ class FieldSettings:
 
 PRESETS = {
     'paper': FieldSettings(),
-    # CPU preset: 448 px, fewer views and steps, a hash grid sized to the 32x32 feature grid's detail
-    # (crops zoom in at most ~3x, so a 256-cell finest level is ample), bf16 extraction (about 1.8x
-    # faster on CPUs with bf16 units). Its quality/time trade-off is measured in docs/stage1.md.
+    # CPU preset, chosen by measurement (benchmarks/stage1_presets.py, docs/stage1.md): at 448 px the 37
+    # backbone passes dominate; more views bring F closest to a 96-view, 2000-step reference, while more
+    # steps on few views overfit them. bf16 extraction is ~1.8x faster on CPUs with bf16 units; the hash
+    # grid is sized to a 32x32 feature grid (crops zoom in at most ~3x), the paper's one overfits here.
     'fast': FieldSettings(
-        image_size=448, n_views=24, iterations=600, samples_per_step=2048, amp=True,
+        image_size=448, n_views=36, iterations=300, samples_per_step=1024, amp=True,
         hash=HashGridConfig(n_levels=8, n_features_per_level=8, log2_hashmap_size=15, base_resolution=16,
                             finest_resolution=256)),
 }
@@ -82,11 +84,6 @@ def sample_indices(seeds: torch.Tensor, step: int, n: int, high: int) -> torch.T
     counter = torch.arange(n, device=seeds.device, dtype=torch.int64) + step * n
     x = _mix64(seeds[:, None] * -7046029254386353131 + counter[None])  # 0x9e3779b97f4a7c15
     return (x & _MASK63) % high
-
-
-def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """DVT's distance per image: MSE + (1 - mean cosine) over the channel dim; (B, N, C) -> (B,)."""
-    return (a - b).square().mean((1, 2)) + 1 - F.cosine_similarity(a, b, dim=-1).mean(1)
 
 
 class BatchedLinear(nn.Module):

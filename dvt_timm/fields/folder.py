@@ -15,19 +15,16 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write
 from ..data import load_image
 from .decomposition import Decomposition, FieldSettings, image_seed
+from .outputs import write_stage1
 from .pipeline import denoise_images
 
-__all__ = ['STAGE1_FORMAT', 'FolderSummary', 'denoise_folder', 'output_path', 'read_stage1', 'write_stage1']
+__all__ = ['FolderSummary', 'denoise_folder', 'output_path']
 
 _logger = logging.getLogger(__name__)
-STAGE1_FORMAT = 'dvt-timm-stage1'
 
 
 @dataclass
@@ -44,22 +41,6 @@ class FolderSummary:
 
 def output_path(out_dir: Path, image: Path) -> Path:
     return out_dir / f'{image.stem}.safetensors'
-
-
-def write_stage1(path: Path, result: Decomposition, metadata: dict, dtype: torch.dtype = torch.float16) -> None:
-    """Write `raw` and `denoised` (h, w, C) with string metadata, atomically."""
-    tensors = {'raw': result.raw.to(dtype).contiguous(), 'denoised': result.denoised.to(dtype).contiguous()}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def read_stage1(path: Path) -> tuple:
-    """(raw, denoised, metadata) of a stage-1 file; raw/denoised as (h, w, C) fp32."""
-    with safe_open(str(path), framework='pt') as f:
-        meta = f.metadata() or {}
-        if meta.get('format') != STAGE1_FORMAT:
-            raise ValueError(f'{path}: not a dvt-timm stage-1 file (format {meta.get("format")!r})')
-        return f.get_tensor('raw').float(), f.get_tensor('denoised').float(), meta
 
 
 def _rank_world() -> tuple:
@@ -137,15 +118,14 @@ def denoise_folder(
             if out.exists():
                 continue
             meta = {
-                'format': STAGE1_FORMAT, 'format_version': '1', 'model': model_name,
-                'input_size': f'{settings.image_size},{settings.image_size}', 'patch_size': str(
-                    settings.image_size // result.raw.shape[0]),
-                'image': str(p), 'image_seed': str(image_seed(settings.seed, p.stem)),
+                'model': model_name, 'input_size': f'{settings.image_size},{settings.image_size}',
+                'patch_size': str(settings.image_size // result.raw.shape[0]), 'image': str(p),
+                'image_seed': str(image_seed(settings.seed, p.stem)),
                 'settings': json.dumps(asdict(settings), sort_keys=True),
             }
             if visuals is not None:  # before the features: their file is what marks the image done
                 visuals(p, out.with_suffix('.png'), result)
-            write_stage1(out, result, meta, dtype)
+            write_stage1(out, result.raw, result.denoised, meta, dtype)
             summary.done += 1
             bar.update(1)
     bar.close()

@@ -1,16 +1,13 @@
 """Stage-1 outputs as a training set for the generalizable denoiser, and the batch order.
 
-A stage-1 folder holds one `<image stem>.safetensors` per image with tensors `raw` (the backbone's
-normed last-block patch tokens) and `denoised` (the stage-1 clean field F on the same grid), each
-(h, w, C) in fp16/bf16/fp32, plus metadata `format='dvt-timm-stage1'`, `format_version`, `model`,
-`input_size='H,W'`, `patch_size`. Files are checked at scan time from their headers alone (cheap for
-any folder size); a bad file is logged with the reason and skipped. Tensors load lazily per item.
+A stage-1 folder holds one `<image stem>.safetensors` per image (the format: `dvt_timm.fields.outputs`).
+Files are checked at scan time from their headers alone (cheap for any folder size); a bad file is
+logged with the reason and skipped. Tensors load lazily per item.
 
 Files may come from different input sizes: items are batched only with items of the same patch grid
 (`global_batches`), so no padding or resizing is needed.
 """
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -22,32 +19,15 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from ..checkpoint import backbone_arch
+from ..fields.outputs import Stage1Error, Stage1Item, check_stage1
 
 __all__ = [
-    'STAGE1_FORMAT', 'STAGE1_FORMAT_VERSION', 'Stage1Error', 'Stage1Item', 'Stage1Scan', 'Stage1Dataset',
-    'scan_stage1', 'split_files', 'global_batches', 'steps_per_epoch', 'rank_slice', 'eval_batches',
+    'Stage1Error', 'Stage1Item', 'Stage1Scan', 'Stage1Dataset', 'scan_stage1', 'split_files', 'global_batches', 'steps_per_epoch', 'rank_slice', 'eval_batches',
 ]
 
 _logger = logging.getLogger(__name__)
 
-STAGE1_FORMAT = 'dvt-timm-stage1'
-STAGE1_FORMAT_VERSION = 1
-_FLOAT_DTYPES = ('F16', 'BF16', 'F32')
 PathLike = Union[str, os.PathLike]
-
-
-class Stage1Error(ValueError):
-    """A stage-1 file or folder cannot be used for training."""
-
-
-@dataclass(frozen=True)
-class Stage1Item:
-    """One usable stage-1 file, described from its header."""
-    path: Path
-    model: str  # backbone timm id the features came from
-    grid: Tuple[int, int]  # patch grid (h, w)
-    embed_dim: int
-    patch_size: int
 
 
 @dataclass
@@ -69,59 +49,6 @@ class Stage1Scan:
         return self.items[0].patch_size
 
 
-def _check_file(path: Path, verify: bool) -> Stage1Item:
-    """Validate one file from its header (and its values when `verify`); raises `Stage1Error`."""
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-            if meta.get('format') != STAGE1_FORMAT:
-                raise Stage1Error(f'metadata format is {meta.get("format")!r}, not {STAGE1_FORMAT!r}')
-            try:
-                version = int(meta.get('format_version', ''))
-            except ValueError:
-                raise Stage1Error(f'metadata format_version {meta.get("format_version")!r} is not an integer')
-            if version > STAGE1_FORMAT_VERSION:
-                raise Stage1Error(
-                    f'format_version {version} is newer than this dvt-timm reads ({STAGE1_FORMAT_VERSION})')
-            missing = {'raw', 'denoised'} - keys
-            if missing:
-                raise Stage1Error(f'missing tensors {sorted(missing)} (has {sorted(keys)})')
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in ('raw', 'denoised')}
-            dtypes = {k: f.get_slice(k).get_dtype() for k in ('raw', 'denoised')}
-            values = {k: f.get_tensor(k) for k in ('raw', 'denoised')} if verify else {}
-    except SafetensorError as e:
-        raise Stage1Error(f'not a readable safetensors file ({e})') from e
-    except OSError as e:
-        raise Stage1Error(f'cannot be read ({e})') from e
-    if not meta.get('model'):
-        raise Stage1Error('metadata has no backbone "model"')
-    if len(shapes['raw']) != 3 or min(shapes['raw']) < 1:
-        raise Stage1Error(f'raw has shape {shapes["raw"]}, expected (h, w, C)')
-    if shapes['raw'] != shapes['denoised']:
-        raise Stage1Error(f'raw {shapes["raw"]} and denoised {shapes["denoised"]} differ in shape')
-    bad = {k: v for k, v in dtypes.items() if v not in _FLOAT_DTYPES}
-    if bad:
-        raise Stage1Error(f'tensors must be fp16, bf16 or fp32, got {bad}')
-    try:
-        patch = int(meta['patch_size'])
-    except (KeyError, ValueError):
-        raise Stage1Error(f'metadata patch_size {meta.get("patch_size")!r} is not an integer')
-    h, w, C = shapes['raw']
-    size = meta.get('input_size', '')
-    try:
-        H, W = (int(s) for s in size.split(','))
-    except ValueError:
-        raise Stage1Error(f'metadata input_size {size!r} is not "H,W"')
-    # Floor or ceil: stage 1 may have padded a size that is not a multiple of the patch.
-    if h not in (H // patch, math.ceil(H / patch)) or w not in (W // patch, math.ceil(W / patch)):
-        raise Stage1Error(f'grid {h}x{w} does not match input_size {H}x{W} at patch {patch}')
-    for k, v in values.items():
-        if not torch.isfinite(v).all():
-            raise Stage1Error(f'{k} holds NaN or Inf values')
-    return Stage1Item(path=path, model=meta['model'], grid=(h, w), embed_dim=C, patch_size=patch)
-
-
 def scan_stage1(root: PathLike, model: Optional[str] = None, verify: bool = False, log: bool = True) -> Stage1Scan:
     """Find and validate the stage-1 files directly in `root`.
 
@@ -140,7 +67,7 @@ def scan_stage1(root: PathLike, model: Optional[str] = None, verify: bool = Fals
     items, skipped = [], []
     for path in paths:
         try:
-            items.append(_check_file(path, verify))
+            items.append(check_stage1(path, verify))
         except Stage1Error as e:
             skipped.append((path, str(e)))
     if items:

@@ -30,7 +30,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
@@ -39,14 +38,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import DenoiserConfig, atomic_write, backbone_arch, write_denoiser_checkpoint
 from ..denoiser import Denoiser
+from ..losses import distance
 from ..model import default_input_size
+from ..registry import resolve_backbone
 from .data import (
     Stage1Dataset, Stage1Error, Stage1Item, eval_batches, global_batches, rank_slice, scan_stage1, split_files,
     steps_per_epoch,
 )
 
 __all__ = [
-    'TrainConfig', 'DistEnv', 'train', 'distance', 'per_sample_distance', 'default_lr', 'lr_at',
+    'TrainConfig', 'DistEnv', 'train', 'default_lr', 'lr_at',
     'train_step', 'setup_distributed', 'CHECKPOINT_NAME', 'LOG_NAME',
 ]
 
@@ -88,7 +89,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: Optional[str] = None  # default: cuda when available, else cpu
-    amp: bool = False  # bf16 autocast (CUDA only)
+    amp: bool = False  # bf16 autocast (GPUs, and CPUs with bf16 units)
     resume: bool = False
     verify_data: bool = False  # read every file in full at scan time and reject NaN/Inf
     stop_after_steps: Optional[int] = None  # testing: SIGKILL this process right after that step
@@ -112,17 +113,6 @@ class DistEnv:
 
 
 # ---------------------------------------------------------------------------- loss and schedule
-def distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DVT's distance: MSE over all elements + (1 - cosine similarity over channels, averaged)."""
-    return F.mse_loss(pred, target) + 1 - F.cosine_similarity(pred, target, dim=-1).mean()
-
-
-def per_sample_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`distance` for each sample of (B, N, C) tensors; their mean over a same-grid batch is `distance`."""
-    mse = (pred - target).pow(2).flatten(1).mean(1)
-    return mse + 1 - F.cosine_similarity(pred, target, dim=-1).mean(1)
-
-
 def default_lr(global_batch: int) -> float:
     """The authors' peak learning rate for a global batch size."""
     return 2e-4 * math.sqrt(global_batch / 256)
@@ -149,7 +139,7 @@ def train_step(
     B, h, w, C = raw.shape
     with torch.autocast(raw.device.type, dtype=torch.bfloat16, enabled=amp):
         pred = model(raw.reshape(B, h * w, C), (h, w))
-    loss = distance(pred.float(), clean.reshape(B, h * w, C))  # the loss itself always in fp32
+    loss = distance(pred.float(), clean.reshape(B, h * w, C)).mean()  # the loss itself always in fp32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -198,14 +188,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- backbone checks
-def resolve_backbone(name: str) -> str:
-    """A timm backbone id for `--model`: registered `dvt_*` names map to their backbone."""
-    if name.startswith('dvt_'):
-        from ..registry import backbone_for
-        return backbone_for(name)
-    return name
-
-
 def backbone_shape(name: str) -> Tuple[int, int]:
     """(embed_dim, patch_size) of a timm ViT, built without weights (on the meta device when possible)."""
     arch = backbone_arch(name)
@@ -251,7 +233,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp: bool) -> O
         B, h, w, C = raw.shape
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
             pred = model(raw.reshape(B, h * w, C), (h, w))
-        d = per_sample_distance(pred.float(), clean.reshape(B, h * w, C))
+        d = distance(pred.float(), clean.reshape(B, h * w, C))
         totals += torch.stack([d.sum().double(), torch.tensor(B, dtype=torch.float64, device=env.device)])
     model.train(was_training)
     totals = _all_reduce_sum(totals, env)
@@ -346,8 +328,6 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f'--warmup-frac must be in [0, 1), got {cfg.warmup_frac}')
     if min(cfg.val_every, cfg.ckpt_every, cfg.log_every, cfg.workers) < 0:
         raise ValueError('--val-every, --ckpt-every, --log-every and --workers must not be negative')
-    if cfg.amp and env.device.type != 'cuda':
-        raise ValueError(f'--amp (bf16 autocast) needs a CUDA device; this run is on {env.device}')
 
 
 def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: List[str], val_names: List[str],
