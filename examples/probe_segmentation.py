@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from dvt_timm.evaluation import LabeledFolder, extract_features, knn_segmentation, linear_probe
-from dvt_timm.evaluation.commands import build_model, format_table
+from dvt_timm.evaluation.commands import format_table
+from dvt_timm.registry import load_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +43,7 @@ def main() -> None:
     if backbone is None and shared('weights', 'dinov2_vits14.safetensors').is_file():
         backbone = str(shared('weights', 'dinov2_vits14.safetensors'))
     torch.manual_seed(args.seed)  # an untrained denoiser initialises the same every run
-    model = build_model(args.model, backbone, args.denoiser_checkpoint, pretrained=backbone is None)
+    model = load_model(args.model, backbone, args.denoiser_checkpoint, pretrained=backbone is None)
 
     data = LabeledFolder(args.data, args.labels_format, args.ignore_index, limit=args.limit)
     print(f'{args.data}: {len(data)} images, {data.num_classes} classes ({data.labels_format} labels)')
