@@ -42,3 +42,30 @@ def test_builds_and_runs(name):
         fmap = model.feature_map(torch.randn(1, 3, h, w))
         assert fmap.shape == (1, model.embed_dim, h // patch, w // patch)
         assert torch.isfinite(fmap).all()
+
+
+def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sample_images):
+    """weights/dvt_vit_small_patch14_dinov2 installs as package data and loads with no network (CI sets
+    HF_HUB_OFFLINE=1); the authors' release stays the default tag; on real photos it removes positional
+    structure."""
+    from importlib.resources import files
+
+    from safetensors.torch import load_file
+
+    from dvt_timm.data import load_batch
+    from dvt_timm.evaluation import variance_share, zero_input_cosine, zero_input_map
+
+    name = 'dvt_vit_small_patch14_dinov2.dvt_timm_photos'
+    assert name in timm.list_models('dvt_*', pretrained=True)
+    assert timm.get_pretrained_cfg('dvt_vit_small_patch14_dinov2').tag == 'lvd142m_voc'
+    model = timm.create_model(name, pretrained=True, backbone_checkpoint=str(vits_checkpoint)).eval()
+    shipped = load_file(str(files('dvt_timm.weights') / 'dvt_vit_small_patch14_dinov2' / 'model.safetensors'))
+    state = model.denoiser.state_dict()
+    assert shipped.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in shipped.items())
+
+    data_cfg = timm.data.resolve_model_data_config(model)
+    with torch.inference_mode():
+        raw, denoised = model.raw_and_denoised(load_batch(sample_images, 448, data_cfg['mean'], data_cfg['std']))
+        reference = zero_input_map(model, 448)
+    assert zero_input_cosine(denoised, reference) < zero_input_cosine(raw, reference)
+    assert variance_share(denoised) < variance_share(raw)

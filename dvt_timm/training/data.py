@@ -115,6 +115,14 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def _indices_by_grid(grids: Sequence[Tuple[int, int]]) -> List[List[int]]:
+    """Item indices grouped by patch grid (a batch holds one grid), groups in sorted grid order."""
+    by_grid: Dict[Tuple[int, int], List[int]] = {}
+    for i, grid in enumerate(grids):
+        by_grid.setdefault(tuple(grid), []).append(i)
+    return [by_grid[grid] for grid in sorted(by_grid)]
+
+
 def global_batches(grids: Sequence[Tuple[int, int]], batch_size: int, seed: int, epoch: int) -> List[List[int]]:
     """One epoch's global batches of dataset indices: a seeded shuffle, batched within each grid.
 
@@ -124,12 +132,8 @@ def global_batches(grids: Sequence[Tuple[int, int]], batch_size: int, seed: int,
     what makes 1-process and N-process runs, and resumed runs, see the same data.
     """
     g = _epoch_generator(seed, epoch)
-    by_grid: Dict[Tuple[int, int], List[int]] = {}
-    for i, grid in enumerate(grids):
-        by_grid.setdefault(tuple(grid), []).append(i)
     batches = []
-    for grid in sorted(by_grid):
-        idx = by_grid[grid]
+    for idx in _indices_by_grid(grids):
         perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
         batches += [perm[k:k + batch_size] for k in range(0, len(perm) - batch_size + 1, batch_size)]
     order = torch.randperm(len(batches), generator=g).tolist()
@@ -148,12 +152,8 @@ def rank_slice(batch: Sequence[int], rank: int, world_size: int) -> List[int]:
 
 def eval_batches(grids: Sequence[Tuple[int, int]], batch_size: int, rank: int, world_size: int) -> List[List[int]]:
     """This rank's evaluation batches: every item exactly once over all ranks, same-grid batches."""
-    by_grid: Dict[Tuple[int, int], List[int]] = {}
-    for i, grid in enumerate(grids):
-        by_grid.setdefault(tuple(grid), []).append(i)
     batches = []
-    for grid in sorted(by_grid):
-        idx = by_grid[grid]
+    for idx in _indices_by_grid(grids):
         batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
     return batches[rank::world_size]
 
