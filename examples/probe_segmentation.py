@@ -10,8 +10,6 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-
 from dvt_timm.evaluation import LabeledFolder, extract_features, knn_segmentation, linear_probe
 from dvt_timm.evaluation.commands import format_table
 from dvt_timm.registry import load_model
@@ -29,7 +27,7 @@ def main() -> None:
     parser.add_argument('--data', default=str(shared('data', 'voc_val_samples')))
     parser.add_argument('--labels-format', choices=('voc', 'index', 'binary'))
     parser.add_argument('--ignore-index', type=int)
-    parser.add_argument('--model', default='dvt_vit_small_patch14_dinov2')
+    parser.add_argument('--model', default='dvt_vit_small_patch14_dinov2.dvt_timm_photos')
     parser.add_argument('--backbone-checkpoint', default=None)
     parser.add_argument('--denoiser-checkpoint', default=None)
     parser.add_argument('--size', type=int, default=448)
@@ -42,8 +40,7 @@ def main() -> None:
     backbone = args.backbone_checkpoint
     if backbone is None and shared('weights', 'dinov2_vits14.safetensors').is_file():
         backbone = str(shared('weights', 'dinov2_vits14.safetensors'))
-    torch.manual_seed(args.seed)  # an untrained denoiser initialises the same every run
-    model = load_model(args.model, backbone, args.denoiser_checkpoint, pretrained=backbone is None)
+    model = load_model(args.model, backbone, args.denoiser_checkpoint)  # the backbone from timm when None
 
     data = LabeledFolder(args.data, args.labels_format, args.ignore_index, limit=args.limit)
     print(f'{args.data}: {len(data)} images, {data.num_classes} classes ({data.labels_format} labels)')

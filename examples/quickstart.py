@@ -3,9 +3,10 @@
     python examples/quickstart.py                                   # examples/assets/chelsea.png at 448 px
     python examples/quickstart.py --image my.jpg --out my_pca.png
 
-Weights: --backbone-checkpoint / --denoiser-checkpoint when given; else the DINOv2 ViT-S/14 in
-$DVT_SHARED/weights (or ../shared/weights next to the repository) with an untrained denoiser; else timm's and
-the authors' pretrained weights from the Hugging Face Hub.
+The default model is dvt-timm's own ViT-S/14 denoiser, which ships with the package. Backbone weights:
+--backbone-checkpoint when given; else the DINOv2 ViT-S/14 in $DVT_SHARED/weights (or ../shared/weights next
+to the repository); else timm's pretrained weights from the Hugging Face Hub. Other --model tags fetch their
+denoiser from the Hub unless --denoiser-checkpoint is given.
 """
 import argparse
 import os
@@ -35,21 +36,16 @@ def shared_backbone() -> Optional[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--image', default=str(HERE / 'assets' / 'chelsea.png'))
-    parser.add_argument('--model', default='dvt_vit_small_patch14_dinov2')
+    parser.add_argument('--model', default='dvt_vit_small_patch14_dinov2.dvt_timm_photos')
     parser.add_argument('--backbone-checkpoint', default=None)
     parser.add_argument('--denoiser-checkpoint', default=None)
     parser.add_argument('--size', type=int, default=448, help='input side, a multiple of the patch size')
     parser.add_argument('--out', default='quickstart_pca.png')
     args = parser.parse_args()
 
-    backbone = args.backbone_checkpoint or shared_backbone()
-    if backbone is None:  # everything from the Hub
-        model = timm.create_model(args.model, pretrained=True, denoiser_checkpoint=args.denoiser_checkpoint)
-    else:
-        model = timm.create_model(args.model, backbone_checkpoint=backbone, denoiser_checkpoint=args.denoiser_checkpoint)
-        if args.denoiser_checkpoint is None:
-            print('note: no --denoiser-checkpoint, so the denoiser is untrained and "denoised" is only a demo')
-    model.eval()
+    backbone = args.backbone_checkpoint or shared_backbone()  # None: timm downloads the backbone
+    model = timm.create_model(args.model, pretrained=True, backbone_checkpoint=backbone,
+                              denoiser_checkpoint=args.denoiser_checkpoint).eval()
 
     cfg = timm.data.resolve_model_data_config(model)
     image = load_image(args.image)

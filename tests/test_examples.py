@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / 'examples'
 
 
 def _run(script: str, *args: str, cwd: Path) -> str:
-    env = dict(os.environ, DVT_SHARED=str(shared_path()))
+    env = dict(os.environ, DVT_SHARED=str(shared_path().resolve()))  # the scripts run in another folder
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
