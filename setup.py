@@ -21,7 +21,7 @@ setup(
     package_data={'dvt_timm.weights': ['manifest.json', '*/config.json', '*/model.safetensors', '*/README.md',
                                        '*/*.txt', '*/*.png']},
     install_requires=[
-        'torch>=2.1',
+        'torch>=2.4',  # fused Adam on the CPU (stage 1), torch.compiler.is_compiling
         'timm>=1.0.15,<1.1',
         'huggingface_hub>=0.23',
         'safetensors>=0.4',

@@ -128,7 +128,7 @@ class DenoisedViT(
         self.pretrained_cfg = {**(getattr(backbone, 'pretrained_cfg', None) or {}),
                                'input_size': (self.in_chans, size, size), 'crop_pct': 1.0}
         self.denoiser: Optional[Denoiser] = Denoiser(
-            self.embed_dim, grid_size or default_input_size(self.patch_size) // self.patch_size)
+            self.embed_dim, grid_size or size // self.patch_size)
         self._denoising = True
 
         self.freeze_backbone = freeze_backbone

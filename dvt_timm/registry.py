@@ -36,6 +36,8 @@ _BACKBONES: Dict[str, str] = {}
 def _cfg(backbone: str, **kwargs: Any) -> Dict[str, Any]:
     """A pretrained cfg: the backbone's normalisation and classes, DVT's input size (518 or 512)."""
     src = get_pretrained_cfg(backbone) or get_pretrained_cfg(backbone_arch(backbone))
+    if src is None:
+        raise ValueError(f'weights/manifest.json: {backbone!r} is not a timm model')
     size = default_input_size(int(backbone.split('patch')[1][:2]))
     return dict(
         input_size=(3, size, size), interpolation='bicubic', crop_pct=1.0, crop_mode='center',
@@ -49,6 +51,12 @@ def _manifest_cfgs() -> Dict[str, Dict[str, Any]]:
     manifest = json.loads(_WEIGHTS.joinpath('manifest.json').read_text())
     cfgs = {}
     for rel in manifest['releases']:
+        missing = {'model', 'backbone', 'notes'} - rel.keys()
+        if missing or ('folder' in rel) == ('hf_hub_id' in rel):
+            raise ValueError(f'weights/manifest.json: release {rel.get("model")!r} needs model, backbone, notes and '
+                             f'exactly one of folder / hf_hub_id (missing {sorted(missing)})')
+        if rel['model'] in _BACKBONES:
+            raise ValueError(f'weights/manifest.json: release {rel["model"]!r} is listed twice')
         _BACKBONES[rel['model']] = rel['backbone']
         if 'folder' in rel:
             source = dict(file=str(_WEIGHTS.joinpath(rel['folder'])))

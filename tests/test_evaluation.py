@@ -248,10 +248,12 @@ def test_load_stage1_folder(tmp_path, caplog):
     for n, (r, d) in maps.items():
         _write_stage1(tmp_path / 's1', n, r, d)
     _write_stage1(tmp_path / 's1', 'wrong', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4), format='something-else')
+    _write_stage1(tmp_path / 's1', 'nopatch', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4), patch_size='0')
     with caplog.at_level(logging.WARNING):
-        fs = load_stage1(tmp_path / 's1', names=['images/c', 'a', 'missing', 'wrong'])
+        fs = load_stage1(tmp_path / 's1', names=['images/c', 'a', 'missing', 'wrong', 'nopatch'])
     assert fs.names == ['images/c', 'a'] and fs.input_size == (112, 112) and fs.grid == (4, 4)
     assert 'missing' in caplog.text and "format is 'something-else'" in caplog.text
+    assert 'patch_size 0 must be positive' in caplog.text
     assert torch.equal(fs.maps['raw'][0], maps['c'][0])
     assert torch.equal(fs.maps['denoised'][1], maps['a'][1])
     _write_stage1(tmp_path / 's2', 'x', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4))

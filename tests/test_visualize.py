@@ -88,6 +88,8 @@ def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_pat
     assert arr[20:80, 72:136].std() > 10  # the PCA panel is a picture, not a blank
     with pytest.raises(ValueError, match='ROW,COL'):
         _visualize([str(sample_images[0]), '--model', 'x', '--patch', 'middle', '--out', str(out)])
+    with pytest.raises(ValueError, match='ROW,COL'):
+        _visualize([str(sample_images[0]), '--model', 'x', '--patch', '0.5', '--out', str(out)])
     with pytest.raises(FileNotFoundError, match='no image'):
         _visualize([str(tmp_path / 'missing.png'), '--model', 'x', '--out', str(out)])
     with pytest.raises(ValueError, match='.png'):

@@ -178,6 +178,9 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     if 'lost' in protocols and args.boxes and args.boxes_from_masks:
         raise ValueError('give either --boxes or --boxes-from-masks, not both')
     needs_labels = bool({'knn', 'linear'} & set(protocols)) or ('lost' in protocols and args.boxes_from_masks)
+    # Box inputs are parsed now so that a bad file or value fails before the backbone pass.
+    box_table = read_boxes(args.boxes) if 'lost' in protocols and args.boxes else None
+    box_values = set(_parse_values(args.box_classes)) if 'lost' in protocols and args.box_classes else None
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)  # weights without a checkpoint (a test denoiser) initialise the same every run
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
@@ -251,7 +254,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                 fs.maps[v], labels, labeled.num_classes, holdout=args.probe_holdout, seed=args.seed,
                 steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True) for v in variants}
         elif protocol == 'lost':
-            results['lost'] = _run_lost(args, fs, labeled, labels)
+            results['lost'] = _run_lost(args, fs, labeled, labels, box_table, box_values)
         timing[f'{protocol}_s'] = time.perf_counter() - t0
     timing['total_s'] = time.perf_counter() - t_start
 
@@ -282,19 +285,18 @@ def _json_default(o: Any) -> Any:
 
 
 def _run_lost(args: argparse.Namespace, fs: FeatureSet, labeled: Optional[LabeledFolder],
-              labels: Optional[List[torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
+              labels: Optional[List[torch.Tensor]], box_table: Optional[Dict[str, List]],
+              box_values: Optional[set]) -> Dict[str, Dict[str, Any]]:
     gt = None
     sizes = fs.image_sizes
     if args.boxes_from_masks:
         classes = None
-        if args.box_classes:
-            wanted = set(_parse_values(args.box_classes))
-            classes = [i for i, v in enumerate(labeled.class_values) if v in wanted]
+        if box_values is not None:
+            classes = [i for i, v in enumerate(labeled.class_values) if v in box_values]
         gt = [boxes_from_label(lab, classes, args.min_box_area) for lab in labels]
         sizes = [(lab.shape[1], lab.shape[0]) for lab in labels]  # boxes live in the label's pixel frame
-    elif args.boxes:
-        table = read_boxes(args.boxes)
-        gt = [table.get(n, table.get(Path(n).name, [])) for n in fs.names]
+    elif box_table is not None:
+        gt = [box_table.get(n, box_table.get(Path(n).name, [])) for n in fs.names]
         if not any(gt):
             raise ValueError(f'{args.boxes}: no boxes for any of the {len(fs.names)} images (keys are image stems)')
     if any(s is None for s in sizes):
@@ -349,9 +351,10 @@ def run_visualize(args: argparse.Namespace) -> Path:
 
     try:
         patch = tuple(float(v) for v in args.patch.split(','))
-        assert len(patch) == 2
-    except (ValueError, AssertionError):
-        raise ValueError(f'--patch takes ROW,COL fractions like 0.5,0.5, got {args.patch!r}') from None
+    except ValueError:
+        patch = ()
+    if len(patch) != 2:
+        raise ValueError(f'--patch takes ROW,COL fractions like 0.5,0.5, got {args.patch!r}')
     if args.features is None and args.model is None:
         raise ValueError('give --model (or --features with stored stage-1 outputs)')
     if args.clusters < 1:

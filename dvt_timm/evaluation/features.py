@@ -253,7 +253,6 @@ def extract_features(
 def load_stage1(
         folder: PathLike,
         names: Optional[Sequence[str]] = None,
-        reference: Optional[torch.Tensor] = None,
 ) -> FeatureSet:
     """Read stored stage-1 outputs (`<image stem>.safetensors` with `raw` and `denoised` (h, w, C) tensors
     and metadata format 'dvt-timm-stage1').
@@ -289,4 +288,4 @@ def load_stage1(
     if not kept:
         raise ValueError(f'{folder}: no readable stage-1 files' + (' for the given images' if names else ''))
     return FeatureSet(names=kept, maps={v: torch.stack(m) for v, m in maps.items()}, input_size=first.input_size,
-                      model=first.model, reference=reference)
+                      model=first.model)

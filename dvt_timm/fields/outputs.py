@@ -88,6 +88,8 @@ def _check(path: Path, verify: bool) -> Stage1Item:
         patch = int(meta['patch_size'])
     except (KeyError, ValueError):
         raise Stage1Error(f'metadata patch_size {meta.get("patch_size")!r} is not an integer')
+    if patch < 1:
+        raise Stage1Error(f'metadata patch_size {patch} must be positive')
     h, w, C = shapes['raw']
     size = meta.get('input_size', '')
     try:
