@@ -4,14 +4,14 @@ One row per image: the input, then for each panel kind a raw and a denoised pict
 jointly on raw and denoised features of all images, so colours compare), K-means clusters, the feature
 norm, and the cosine similarity to one chosen patch.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ['pca_fit', 'pca_rgb', 'kmeans', 'colormap', 'cluster_colors', 'feature_figure']
+__all__ = ['pca_fit', 'pca_rgb', 'kmeans', 'colormap', 'cluster_colors', 'rgb_panel', 'feature_figure']
 
 # Anchor colours, interpolated linearly: viridis for magnitudes, a blue-white-red map for signed values.
 _CMAPS = {
@@ -85,8 +85,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
     return rank[labels]
 
 
-def _panel(rgb: np.ndarray, size: Tuple[int, int]) -> Image.Image:
-    """An (h, w, 3) uint8 array as a panel, upsampled by nearest neighbour so that patches stay visible."""
+def rgb_panel(rgb: Union[np.ndarray, torch.Tensor], size: Tuple[int, int]) -> Image.Image:
+    """An (h, w, 3) uint8 array or a (3, h, w) tensor in [0, 1] as a panel of `size` (w, h), upsampled by
+    nearest neighbour so that patches stay visible."""
+    if isinstance(rgb, torch.Tensor):
+        rgb = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     return Image.fromarray(rgb).resize(size, Image.NEAREST)
 
 
@@ -101,10 +104,10 @@ def _panels_for(feat: torch.Tensor, rgb: torch.Tensor, patch: Tuple[int, int], c
     r, c = patch
     cos = F.cosine_similarity(tokens, tokens[r * w + c][None], dim=1).view(h, w)
     out = {
-        'PCA': _panel((rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), size),
-        'K-means': _panel(cluster_colors(kmeans(tokens, clusters, seed=seed).view(h, w)), size),
-        'norm': _panel(colormap(_normalise(tokens.norm(dim=1).view(h, w))), size),
-        'cosine': _panel(colormap((cos + 1) / 2, 'coolwarm'), size),
+        'PCA': rgb_panel(rgb, size),
+        'K-means': rgb_panel(cluster_colors(kmeans(tokens, clusters, seed=seed).view(h, w)), size),
+        'norm': rgb_panel(colormap(_normalise(tokens.norm(dim=1).view(h, w))), size),
+        'cosine': rgb_panel(colormap((cos + 1) / 2, 'coolwarm'), size),
     }
     # Mark the reference patch on the cosine panel.
     sx, sy = size[0] / w, size[1] / h

@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import timm
 import torch
 from PIL import Image
 
 import dvt_timm  # noqa: F401  (registers the dvt_* models with timm)
 from dvt_timm.data import image_to_tensor, load_image
-from dvt_timm.visualize import pca_rgb
+from dvt_timm.visualize import pca_rgb, rgb_panel
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,9 +63,7 @@ def main() -> None:
     # PCA fitted on raw and denoised tokens together, so that the two pictures share colours.
     rgb_raw, rgb_clean = pca_rgb([raw[0], clean[0]])
     side = 336
-    panels = [image.resize((side, side), Image.BICUBIC)] + [
-        Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize((side, side), Image.NEAREST)
-        for r in (rgb_raw, rgb_clean)]
+    panels = [image.resize((side, side), Image.BICUBIC)] + [rgb_panel(r, (side, side)) for r in (rgb_raw, rgb_clean)]
     canvas = Image.new('RGB', (3 * side, side))
     for i, panel in enumerate(panels):
         canvas.paste(panel, (i * side, 0))

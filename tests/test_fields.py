@@ -76,9 +76,11 @@ def _centred_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
-def test_ground_truth_decomposition_is_recovered():
+@pytest.mark.parametrize('full_view_share', [0.0, 0.5])  # the paper's sampling; the fast preset's
+def test_ground_truth_decomposition_is_recovered(full_view_share):
     """Views of F* (smooth, image coordinates) + G* (fixed, view position) + noise, through the same crop
-    and flip machinery: F and G come back (centred) with cosine >= 0.95."""
+    and flip machinery: F and G come back (centred) with cosine >= 0.95, also when half of the samples come
+    from the full view."""
     g = torch.Generator().manual_seed(0)
     size, K, C, n_views = 224, 16, 32, 48
     views = sample_views(n_views, size, g)
@@ -86,13 +88,18 @@ def test_ground_truth_decomposition_is_recovered():
     F_true, G_true = _smooth_field(C, g), torch.randn(K, K, C, generator=g)
     y = F_true(coords) + G_true + 0.05 * torch.randn(len(views), K, K, C, generator=g)
     settings = FieldSettings(image_size=size, n_views=n_views, iterations=800, samples_per_step=1024,
-                             hash=HashGridConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4,
+                             full_view_share=full_view_share, hash=HashGridConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4,
                                                  finest_resolution=64))
     out = decompose(y[None], coords[None], [image_seed(0, 'synthetic')], settings, backend='torch')[0]
     print(f'G cos {_centred_cos(out.artifact, G_true):.4f}, F cos {_centred_cos(out.denoised, F_true(coords[0])):.4f}')
     assert _centred_cos(out.artifact, G_true) >= 0.95
     assert _centred_cos(out.denoised, F_true(coords[0])) >= 0.95
     assert torch.equal(out.raw, y[0])
+
+
+def test_field_settings_reject_a_share_outside_0_1():
+    with pytest.raises(ValueError, match='full_view_share'):
+        FieldSettings(full_view_share=1.5)
 
 
 def _run_cli(args, **kwargs):

@@ -23,7 +23,8 @@ def _run(args: argparse.Namespace) -> None:
     if device is None and torch.cuda.is_available():
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     overrides = dict(n_views=args.views, iterations=args.iterations, samples_per_step=args.samples_per_step,
-                     lr=args.lr, image_size=args.image_size, seed=args.seed, amp=args.amp)
+                     full_view_share=args.full_view_share, lr=args.lr, image_size=args.image_size, seed=args.seed,
+                     amp=args.amp)
     settings = resolve_settings(PRESETS[args.preset].with_overrides(**overrides), model.patch_size)
     visuals = None
     if args.save_visuals:
@@ -56,6 +57,8 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument('--views', type=int, help='random views per image (plus the full image)')
     g.add_argument('--iterations', type=int)
     g.add_argument('--samples-per-step', type=int)
+    g.add_argument('--full-view-share', type=float,
+                   help="share of each step's samples taken from the full view (paper: 0; fast: 0.25)")
     g.add_argument('--lr', type=float)
     g.add_argument('--image-size', type=int, help='squash-resize side (multiple of the patch size)')
     g.add_argument('--seed', type=int)

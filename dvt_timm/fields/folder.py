@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ..data import load_image
@@ -65,13 +66,13 @@ def denoise_folder(
         dtype: torch.dtype = torch.float16,
         device: Optional[torch.device] = None,
         backend: str = 'auto',
-        visuals: Optional[Callable[[Path, Path, Decomposition], None]] = None,
+        visuals: Optional[Callable[[Image.Image, Path, Decomposition], None]] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
 ) -> FolderSummary:
     """Run stage 1 on this rank's share of `images`, writing `out_dir/<stem>.safetensors` per image.
 
-    `visuals(image_path, png_path, result)`, if given, writes a PNG per image next to the outputs.
+    `visuals(image, png_path, result)`, if given, writes a PNG per image next to the outputs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def denoise_folder(
 
         results = denoise_images(model, loaded, settings, keys=[p.stem for p in paths], device=device,
                                  backend=backend, progress=progress)
-        for p, result in zip(paths, results):
+        for p, image, result in zip(paths, loaded, results):
             out = output_path(out_dir, p)
             if out.exists():
                 continue
@@ -124,7 +125,7 @@ def denoise_folder(
                 'settings': json.dumps(asdict(settings), sort_keys=True),
             }
             if visuals is not None:  # before the features: their file is what marks the image done
-                visuals(p, out.with_suffix('.png'), result)
+                visuals(image, out.with_suffix('.png'), result)
             write_stage1(out, result.raw, result.denoised, meta, dtype)
             summary.done += 1
             bar.update(1)

@@ -51,7 +51,8 @@ def write_stage1(path: PathLike, raw: torch.Tensor, denoised: torch.Tensor, meta
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _check(path: Path, verify: bool) -> Stage1Item:
+def _check(path: Path, load: bool) -> Tuple[Stage1Item, Dict[str, torch.Tensor]]:
+    """The header of a valid stage-1 file, and with `load` its maps (checked to be finite), from one open."""
     try:
         with safe_open(str(path), framework='pt') as f:
             meta = f.metadata() or {}
@@ -70,7 +71,7 @@ def _check(path: Path, verify: bool) -> Stage1Item:
                 raise Stage1Error(f'missing tensors {sorted(missing)} (has {sorted(keys)})')
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in ('raw', 'denoised')}
             dtypes = {k: f.get_slice(k).get_dtype() for k in ('raw', 'denoised')}
-            values = {k: f.get_tensor(k) for k in ('raw', 'denoised')} if verify else {}
+            values = {k: f.get_tensor(k) for k in ('raw', 'denoised')} if load else {}
     except SafetensorError as e:
         raise Stage1Error(f'not a readable safetensors file ({e})') from e
     except OSError as e:
@@ -102,25 +103,23 @@ def _check(path: Path, verify: bool) -> Stage1Item:
     for k, v in values.items():
         if not torch.isfinite(v).all():
             raise Stage1Error(f'{k} holds NaN or Inf values')
-    return Stage1Item(path=path, model=meta['model'], grid=(h, w), embed_dim=C, patch_size=patch, input_size=(H, W))
+    item = Stage1Item(path=path, model=meta['model'], grid=(h, w), embed_dim=C, patch_size=patch, input_size=(H, W))
+    return item, values
 
 
 def check_stage1(path: PathLike, verify: bool = False) -> Stage1Item:
     """Validate a stage-1 file from its header alone (cheap for any folder size); with `verify`, also
     read its values and reject NaN/Inf. Raises `Stage1Error` with the reason (not the path)."""
-    return _check(Path(path), verify)
+    return _check(Path(path), verify)[0]
 
 
 def read_stage1(path: PathLike) -> Tuple[torch.Tensor, torch.Tensor, Stage1Item]:
     """(raw, denoised, header) of a valid stage-1 file; the maps as fp32 (h, w, C).
 
-    Raises `Stage1Error` naming the file when it is not a valid stage-1 file."""
+    Raises `Stage1Error` naming the file when it is not a valid stage-1 file (NaN or Inf values included)."""
     path = Path(path)
     try:
-        item = _check(path, verify=False)
-        with safe_open(str(path), framework='pt') as f:
-            return f.get_tensor('raw').float(), f.get_tensor('denoised').float(), item
+        item, values = _check(path, load=True)
     except Stage1Error as e:
         raise Stage1Error(f'{path}: {e}') from e
-    except (SafetensorError, OSError) as e:  # changed on disk since the header was read
-        raise Stage1Error(f'{path}: unreadable stage-1 file ({e})') from e
+    return values['raw'].float(), values['denoised'].float(), item

@@ -1,23 +1,15 @@
 """A PNG row per stage-1 result: the image, PCA of raw, PCA of F, G, and the norm of Δ."""
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..checkpoint import atomic_write
-from ..data import load_image
-from ..visualize import colormap, pca_rgb
+from ..visualize import colormap, pca_rgb, rgb_panel
 from .decomposition import Decomposition
 
 __all__ = ['stage1_figure', 'save_stage1_visuals']
 
 _TITLES = ('image', 'raw (PCA)', 'F: denoised (PCA)', 'G: artifact (PCA)', '|Δ|: residual norm')
-
-
-def _to_image(rgb: torch.Tensor, size: int) -> Image.Image:
-    """(3, h, w) in [0, 1] -> a square panel; nearest-neighbour keeps the patch grid visible."""
-    arr = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(arr).resize((size, size), Image.NEAREST)
 
 
 def stage1_figure(image: Image.Image, result: Decomposition, panel: int = 224) -> Image.Image:
@@ -26,9 +18,9 @@ def stage1_figure(image: Image.Image, result: Decomposition, panel: int = 224) -
     raw_rgb, clean_rgb = pca_rgb([raw, clean])
     (art_rgb,) = pca_rgb([art])
     norm = result.residual.float().norm(dim=-1)
-    norm_rgb = torch.from_numpy(colormap(norm / norm.max().clamp_min(1e-12))).permute(2, 0, 1).float() / 255
     panels = [image.convert('RGB').resize((panel, panel), Image.BICUBIC)]
-    panels += [_to_image(t, panel) for t in (raw_rgb, clean_rgb, art_rgb, norm_rgb)]
+    panels += [rgb_panel(t, (panel, panel)) for t in (raw_rgb, clean_rgb, art_rgb)]
+    panels.append(rgb_panel(colormap(norm / norm.max().clamp_min(1e-12)), (panel, panel)))
     header, pad = 16, 4
     fig = Image.new('RGB', (len(panels) * (panel + pad) + pad, header + panel + 2 * pad), (255, 255, 255))
     draw, font = ImageDraw.Draw(fig), ImageFont.load_default()
@@ -39,7 +31,7 @@ def stage1_figure(image: Image.Image, result: Decomposition, panel: int = 224) -
     return fig
 
 
-def save_stage1_visuals(image_path: Path, png_path: Path, result: Decomposition) -> None:
+def save_stage1_visuals(image: Image.Image, png_path: Path, result: Decomposition) -> None:
     """Write `stage1_figure` for one image to `png_path`, atomically."""
-    fig = stage1_figure(load_image(image_path), result)
+    fig = stage1_figure(image, result)
     atomic_write(png_path, lambda tmp: fig.save(tmp, format='PNG'))

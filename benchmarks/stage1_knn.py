@@ -1,0 +1,99 @@
+"""kNN segmentation of stage-1 F against raw for several optimisation settings (how `fast`'s lr and full-view
+share were chosen).
+
+The views of every image of a labelled folder are rendered and passed through the real DINOv2 ViT-S/14
+($DVT_SHARED) once, with the `fast` preset's views, and cached (`--cache`); each candidate then only re-runs
+the optimisation on the same features, so the rows differ in the optimisation alone. For each row: kNN mIoU
+(centroid and patch banks, leave-one-image-out) of F, the artifact metrics of F (variance share of the
+per-position mean, mean |cos| with the zero-input map), the cosine of F + G with the raw map of the full view
+(how well the fields fit), and the optimisation time per image.
+
+    DVT_SHARED=../shared python benchmarks/stage1_knn.py [--data voc_val_samples] [--cache /tmp/dvt_knn_cache]
+    DVT_SHARED=../shared python benchmarks/stage1_knn.py --data coco_train_semseg --ignore-index 0 --rows 3 4 2
+"""
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dvt_timm import DenoisedViT
+from dvt_timm.data import image_to_tensor, load_image
+from dvt_timm.evaluation import LabeledFolder, knn_segmentation, variance_share, zero_input_cosine, zero_input_map
+from dvt_timm.fields import PRESETS, decompose, extract_view_features, image_seed, render_views, sample_views, view_coords
+
+CANDIDATES = {
+    'lr 0.01, full-view share 0 (fast before)': dict(lr=0.01, full_view_share=0.0),
+    'lr 0.03, full-view share 0': dict(lr=0.03, full_view_share=0.0),
+    'lr 0.01, full-view share 0.5': dict(lr=0.01, full_view_share=0.5),
+    'lr 0.03, full-view share 0.25': dict(lr=0.03, full_view_share=0.25),
+    'lr 0.03, full-view share 0.5': dict(lr=0.03, full_view_share=0.5),
+}
+
+
+def cached_views(model: DenoisedViT, folder: LabeledFolder, cache: Path) -> list:
+    """Per image: {'feats': (V, K, K, C) bf16, 'coords': (V, K, K, 2), 'seed'}, computed once."""
+    settings = PRESETS['fast']
+    size, patch = settings.image_size, model.patch_size
+    mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
+    cache.mkdir(parents=True, exist_ok=True)
+    items = []
+    for path, name in zip(folder.images, folder.names):
+        file = cache / f'{Path(name).name}.pt'
+        if not file.is_file():
+            seed = image_seed(settings.seed, Path(name).name)
+            views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed),
+                                 settings.crop_scale, settings.crop_ratio)
+            pixels = render_views(image_to_tensor(load_image(path), size, mean, std), views)
+            feats = extract_view_features(model.backbone.eval(), pixels, amp=True).to(torch.bfloat16)
+            torch.save({'feats': feats, 'coords': view_coords(views, size, size // patch), 'seed': seed}, file)
+        items.append(torch.load(file, weights_only=True))
+    return items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default='voc_val_samples', help='labelled folder under $DVT_SHARED/data')
+    parser.add_argument('--ignore-index', type=int, help='label value to ignore (COCO 0, CamVid 11)')
+    parser.add_argument('--cache', type=Path, default=Path('/tmp/dvt_knn_cache'), help='view-feature cache')
+    parser.add_argument('--batch-images', type=int, default=8)
+    parser.add_argument('--rows', type=int, nargs='+', help='run only these rows of CANDIDATES (0-based)')
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shared = Path(os.environ['DVT_SHARED'])
+    model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
+    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index)
+    items = cached_views(model, folder, args.cache / args.data)
+
+    reference = zero_input_map(model, PRESETS['fast'].image_size)
+
+    def scores(maps: torch.Tensor) -> str:
+        knn = [knn_segmentation(maps, folder.labels, folder.num_classes, mode=m)['miou'] for m in ('centroid', 'patch')]
+        return (' | '.join(f'{100 * s:.2f}' for s in knn)
+                + f' | {variance_share(maps):.3f} | {zero_input_cosine(maps, reference):.3f}')
+
+    raw = torch.stack([it['feats'][0].float() for it in items]).permute(0, 3, 1, 2)
+    print(f'{args.data}: {len(items)} images, {PRESETS["fast"].n_views} views each')
+    print('| setting | kNN centroids | kNN patches | variance share | \\|cos\\| zero-input | cos(F+G, raw) | s/image |')
+    print('|---|---|---|---|---|---|---|')
+    print(f'| raw | {scores(raw)} | | |')
+    rows = list(CANDIDATES.items())
+    for name, overrides in [rows[i] for i in args.rows] if args.rows else rows:
+        settings = PRESETS['fast'].with_overrides(**overrides)
+        start, results = time.perf_counter(), []
+        for i in range(0, len(items), args.batch_images):
+            batch = items[i:i + args.batch_images]
+            results.append(decompose(torch.stack([it['feats'].float() for it in batch]),
+                                     torch.stack([it['coords'] for it in batch]), [it['seed'] for it in batch],
+                                     settings, backend='torch'))
+        seconds = (time.perf_counter() - start) / len(items)
+        clean = torch.cat([r.denoised for r in results]).permute(0, 3, 1, 2)
+        fitted = clean + torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
+        cos = F.cosine_similarity(fitted, raw, dim=1).mean().item()
+        print(f'| {name} (F) | {scores(clean)} | {cos:.3f} | {seconds:.1f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
