@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dvt_timm import DenoisedViT
+from dvt_timm.checkpoint import atomic_write
 from dvt_timm.data import image_to_tensor, load_image
 from dvt_timm.evaluation import LabeledFolder, knn_segmentation, variance_share, zero_input_cosine, zero_input_map
-from dvt_timm.fields import PRESETS, decompose, extract_view_features, image_seed, render_views, sample_views, view_coords
+from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
 
 CANDIDATES = {
     'lr 0.01, full-view share 0 (fast before)': dict(lr=0.01, full_view_share=0.0),
@@ -36,19 +38,17 @@ CANDIDATES = {
 def cached_views(model: DenoisedViT, folder: LabeledFolder, cache: Path) -> list:
     """Per image: {'feats': (V, K, K, C) bf16, 'coords': (V, K, K, 2), 'seed'}, computed once."""
     settings = PRESETS['fast']
-    size, patch = settings.image_size, model.patch_size
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
     cache.mkdir(parents=True, exist_ok=True)
     items = []
-    for path, name in zip(folder.images, folder.names):
+    for path, name in zip(tqdm(folder.images, desc='views'), folder.names):
         file = cache / f'{Path(name).name}.pt'
-        if not file.is_file():
+        if not file.is_file():  # the CLI's key (file stem), seed and views
             seed = image_seed(settings.seed, Path(name).name)
-            views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed),
-                                 settings.crop_scale, settings.crop_ratio)
-            pixels = render_views(image_to_tensor(load_image(path), size, mean, std), views)
-            feats = extract_view_features(model.backbone.eval(), pixels, amp=True).to(torch.bfloat16)
-            torch.save({'feats': feats, 'coords': view_coords(views, size, size // patch), 'seed': seed}, file)
+            pixels = image_to_tensor(load_image(path), settings.image_size, mean, std)
+            feats, coords = image_view_features(model.backbone.eval(), pixels, settings, seed, amp=True)
+            item = {'feats': feats.to(torch.bfloat16), 'coords': coords, 'seed': seed}
+            atomic_write(file, lambda tmp: torch.save(item, tmp))
         items.append(torch.load(file, weights_only=True))
     return items
 
@@ -61,11 +61,11 @@ def main() -> None:
     parser.add_argument('--batch-images', type=int, default=8)
     parser.add_argument('--rows', type=int, nargs='+', help='run only these rows of CANDIDATES (0-based)')
     args = parser.parse_args()
-    torch.manual_seed(0)
     shared = Path(os.environ['DVT_SHARED'])
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
     folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index)
-    items = cached_views(model, folder, args.cache / args.data)
+    fast = PRESETS['fast']  # the cache holds this preset's views: one folder per view count and size
+    items = cached_views(model, folder, args.cache / args.data / f'{fast.n_views}views_{fast.image_size}px')
 
     reference = zero_input_map(model, PRESETS['fast'].image_size)
 

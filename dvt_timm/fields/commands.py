@@ -18,14 +18,15 @@ def _run(args: argparse.Namespace) -> None:
     images = list_images(args.images)
     if not images:
         raise ValueError(f'no images found in {args.images}')
-    model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
-    device = torch.device(args.device) if args.device else None
-    if device is None and torch.cuda.is_available():
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     overrides = dict(n_views=args.views, iterations=args.iterations, samples_per_step=args.samples_per_step,
                      full_view_share=args.full_view_share, lr=args.lr, image_size=args.image_size, seed=args.seed,
                      amp=args.amp)
-    settings = resolve_settings(PRESETS[args.preset].with_overrides(**overrides), model.patch_size)
+    settings = PRESETS[args.preset].with_overrides(**overrides)  # a bad value fails before the model loads
+    model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
+    settings = resolve_settings(settings, model.patch_size)
+    device = torch.device(args.device) if args.device else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     visuals = None
     if args.save_visuals:
         from .visuals import save_stage1_visuals
@@ -58,7 +59,8 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument('--iterations', type=int)
     g.add_argument('--samples-per-step', type=int)
     g.add_argument('--full-view-share', type=float,
-                   help="share of each step's samples taken from the full view (paper: 0; fast: 0.25)")
+                   help="share of each step's samples taken from the full view "
+                   f"(paper: {PRESETS['paper'].full_view_share}; fast: {PRESETS['fast'].full_view_share})")
     g.add_argument('--lr', type=float)
     g.add_argument('--image-size', type=int, help='squash-resize side (multiple of the patch size)')
     g.add_argument('--seed', type=int)

@@ -1,6 +1,6 @@
 """From images to stage-1 results: views, batched feature extraction, decomposition."""
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -11,7 +11,7 @@ from ..model import DenoisedViT, default_input_size
 from .decomposition import PRESETS, Decomposition, FieldSettings, decompose, image_seed
 from .views import render_views, sample_views, view_coords
 
-__all__ = ['denoise_image', 'denoise_images', 'extract_view_features', 'resolve_settings']
+__all__ = ['denoise_image', 'denoise_images', 'extract_view_features', 'image_view_features', 'resolve_settings']
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 
@@ -63,6 +63,25 @@ def _as_tensor(image: ImageLike, size: int, mean, std) -> torch.Tensor:
     return image_to_tensor(img, size, mean, std)
 
 
+def image_view_features(
+        backbone: nn.Module,
+        image: torch.Tensor,
+        settings: FieldSettings,
+        seed: int,
+        amp: bool,
+        extract_batch: int = 32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One image's stage-1 inputs: the features (V, K, K, C) of its full view and of `settings.n_views` random
+    views drawn from `seed`, and their image coordinates (V, K, K, 2).
+
+    `image` is normalised (3, S, S) at the settings' (resolved) image size."""
+    size = settings.image_size
+    views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed),
+                         settings.crop_scale, settings.crop_ratio)
+    feats = extract_view_features(backbone, render_views(image, views), extract_batch, amp)
+    return feats, view_coords(views, size, size // backbone.patch_embed.patch_size[0])
+
+
 def denoise_images(
         model: nn.Module,
         images: Sequence[ImageLike],
@@ -94,7 +113,7 @@ def denoise_images(
     patch = backbone.patch_embed.patch_size[0]
     settings = resolve_settings(settings, patch)
     amp = device.type == 'cuda' if settings.amp is None else settings.amp
-    size, K = settings.image_size, settings.image_size // patch
+    size = settings.image_size
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(backbone, 'pretrained_cfg', {})
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
     keys = [str(k) for k in (keys if keys is not None else range(len(images)))]
@@ -104,13 +123,11 @@ def denoise_images(
     seeds = [image_seed(settings.seed, k) for k in keys]
     features, coords = [], []
     for image, seed in zip(images, seeds):
-        views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed),
-                             settings.crop_scale, settings.crop_ratio)
-        pixels = render_views(_as_tensor(image, size, mean, std), views)
+        feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed, amp,
+                                        extract_batch)
         # Stored in bf16 on the GPU: 769 views of ViT-B features are 1.6 GB per image even so.
-        feats = extract_view_features(backbone, pixels, extract_batch, amp)
         features.append(feats.to(torch.bfloat16) if device.type == 'cuda' else feats.float())
-        coords.append(view_coords(views, size, K))
+        coords.append(xy)
         if progress is not None:
             progress('extract', 1)
     result = decompose(torch.stack(features), torch.stack(coords).to(device), seeds, settings, backend,
