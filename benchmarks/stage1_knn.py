@@ -9,7 +9,8 @@ per-position mean, mean |cos| with the zero-input map), the cosine of F + G with
 (how well the fields fit), and the optimisation time per image.
 
     DVT_SHARED=../shared python benchmarks/stage1_knn.py [--data voc_val_samples] [--cache /tmp/dvt_knn_cache]
-    DVT_SHARED=../shared python benchmarks/stage1_knn.py --data coco_train_semseg --ignore-index 0 --rows 3 4 2
+    DVT_SHARED=../shared python benchmarks/stage1_knn.py --data coco_train_semseg --ignore-index 0 --rows 4 2
+    DVT_SHARED=../shared python benchmarks/stage1_knn.py --rows 4 --seed-offsets 0 1 2   # run-to-run spread
 """
 import argparse
 import os
@@ -27,11 +28,11 @@ from dvt_timm.evaluation import LabeledFolder, knn_segmentation, variance_share,
 from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
 
 CANDIDATES = {
-    'lr 0.01, full-view share 0 (fast before)': dict(lr=0.01, full_view_share=0.0),
+    'lr 0.01, full-view share 0 (fast, first)': dict(lr=0.01, full_view_share=0.0),
     'lr 0.03, full-view share 0': dict(lr=0.03, full_view_share=0.0),
     'lr 0.01, full-view share 0.5': dict(lr=0.01, full_view_share=0.5),
-    'lr 0.03, full-view share 0.25': dict(lr=0.03, full_view_share=0.25),
-    'lr 0.03, full-view share 0.5': dict(lr=0.03, full_view_share=0.5),
+    'lr 0.03, full-view share 0.25 (fast, second)': dict(lr=0.03, full_view_share=0.25),
+    'lr 0.03, full-view share 0.5 (fast)': dict(lr=0.03, full_view_share=0.5),
 }
 
 
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument('--cache', type=Path, default=Path('/tmp/dvt_knn_cache'), help='view-feature cache')
     parser.add_argument('--batch-images', type=int, default=8)
     parser.add_argument('--rows', type=int, nargs='+', help='run only these rows of CANDIDATES (0-based)')
+    parser.add_argument('--seed-offsets', type=int, nargs='+', default=[0],
+                        help="also re-run each row with the images' optimisation seeds shifted by these (same views): "
+                             "how much F's scores move from one optimisation to another")
     args = parser.parse_args()
     shared = Path(os.environ['DVT_SHARED'])
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
@@ -82,17 +86,19 @@ def main() -> None:
     rows = list(CANDIDATES.items())
     for name, overrides in [rows[i] for i in args.rows] if args.rows else rows:
         settings = PRESETS['fast'].with_overrides(**overrides)
-        start, results = time.perf_counter(), []
-        for i in range(0, len(items), args.batch_images):
-            batch = items[i:i + args.batch_images]
-            results.append(decompose(torch.stack([it['feats'].float() for it in batch]),
-                                     torch.stack([it['coords'] for it in batch]), [it['seed'] for it in batch],
-                                     settings, backend='torch'))
-        seconds = (time.perf_counter() - start) / len(items)
-        clean = torch.cat([r.denoised for r in results]).permute(0, 3, 1, 2)
-        fitted = clean + torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
-        cos = F.cosine_similarity(fitted, raw, dim=1).mean().item()
-        print(f'| {name} (F) | {scores(clean)} | {cos:.3f} | {seconds:.1f} |', flush=True)
+        for offset in args.seed_offsets:
+            start, results = time.perf_counter(), []
+            for i in range(0, len(items), args.batch_images):
+                batch = items[i:i + args.batch_images]
+                results.append(decompose(torch.stack([it['feats'].float() for it in batch]),
+                                         torch.stack([it['coords'] for it in batch]),
+                                         [(it['seed'] + offset) % 2 ** 63 for it in batch], settings, backend='torch'))
+            seconds = (time.perf_counter() - start) / len(items)
+            clean = torch.cat([r.denoised for r in results]).permute(0, 3, 1, 2)
+            fitted = clean + torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
+            cos = F.cosine_similarity(fitted, raw, dim=1).mean().item()
+            label = f'{name} (F)' + (f', seeds +{offset}' if offset else '')
+            print(f'| {label} | {scores(clean)} | {cos:.3f} | {seconds:.1f} |', flush=True)
 
 
 if __name__ == '__main__':

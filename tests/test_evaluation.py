@@ -18,6 +18,7 @@ from dvt_timm.evaluation import (
     read_boxes, read_label, voc_colormap,
 )
 from dvt_timm.evaluation.commands import add_evaluate_parser, format_table
+from dvt_timm.evaluation.linear_probe import fold_splits
 from dvt_timm.evaluation.scores import upsample_argmax
 from dvt_timm.fields.outputs import write_stage1
 from dvt_timm.registry import load_model
@@ -192,6 +193,19 @@ def test_linear_probe_known_answer_and_determinism():
     assert a['miou'] > 0.9 and a['final_train_loss'] < 0.1
     with pytest.raises(ValueError, match='fraction'):
         linear_probe(feats, labels, 3, holdout=1.5)
+
+
+def test_linear_probe_folds_score_every_image_once():
+    splits = fold_splits(10, 4, seed=2)
+    tested = sorted(i for test, _ in splits for i in test)
+    assert tested == list(range(10)) and [len(t) for t, _ in splits] == [3, 3, 2, 2]
+    assert all(set(test).isdisjoint(train) and len(test) + len(train) == 10 for test, train in splits)
+    feats, labels, _ = _synthetic_segmentation(n=8)
+    out = linear_probe(feats, labels, 3, steps=100, lr=0.1, seed=1, folds=4)
+    assert out['test_images'] == 8 and out['split'] == '4-fold (seed 1)'
+    assert out['miou'] > 0.9 and out == linear_probe(feats, labels, 3, steps=100, lr=0.1, seed=1, folds=4)
+    with pytest.raises(ValueError, match='folds'):
+        linear_probe(feats, labels, 3, folds=9)
 
 
 def test_connected_components_and_derived_boxes():

@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 
 from dvt_timm.evaluation.commands import add_visualize_parser
+from dvt_timm.fields import Decomposition
+from dvt_timm.fields.visuals import stage1_figure
 from dvt_timm.visualize import cluster_colors, colormap, feature_figure, kmeans, pca_fit, pca_rgb
 
 
@@ -67,6 +69,25 @@ def test_feature_figure_layout_and_errors():
         feature_figure(images, raw, patch=(2, 0))
     with pytest.raises(ValueError, match='differ from raw'):
         feature_figure(images, raw, raw[:, :4])
+
+
+def test_stage1_figure_residual_panel_keeps_a_negligible_residual_dark():
+    g = torch.Generator().manual_seed(4)
+    raw = 10 * torch.randn(4, 4, 8, generator=g)
+    image = Image.new('RGB', (20, 20), (90, 90, 90))
+
+    def residual_panel(residual):
+        fig = np.asarray(stage1_figure(image, Decomposition(raw, raw, torch.randn(4, 4, 8, generator=g), residual),
+                                       panel=40))
+        return fig[20:60, 4 + 4 * 44:4 + 4 * 44 + 40].astype(int)  # fifth panel, below the 16 px header
+
+    dark, bright = colormap(torch.tensor([0.0]))[0], colormap(torch.tensor([1.0]))[0]
+    tiny = residual_panel(torch.full((4, 4, 8), 1e-3))  # a constant Δ: the sparsity term's usual result
+    assert np.abs(tiny - dark).max() <= 2
+    spot = torch.zeros(4, 4, 8)
+    spot[1, 2] = 30.0  # one outlier token, much larger than a tenth of the raw norm
+    panel = residual_panel(spot)
+    assert (panel[10:20, 20:30] == bright).all() and (panel[0:10, 0:10] == dark).all()
 
 
 def _visualize(argv):

@@ -106,6 +106,9 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help='fraction of images held out as queries (default: leave-one-image-out)')
     g = p.add_argument_group('linear probe')
     g.add_argument('--probe-holdout', type=float, default=0.25, help='held-out fraction (default 0.25)')
+    g.add_argument('--probe-folds', type=int,
+                   help='K-fold cross-validation instead of one held-out split: every image is tested once '
+                        '(steadier on a set of a few dozen images)')
     g.add_argument('--probe-steps', type=int, default=500, help='AdamW steps of 8 images (default 500)')
     g.add_argument('--lr', type=float, default=3e-2, help='probe learning rate (default 0.03)')
     g = p.add_argument_group('lost')
@@ -252,7 +255,8 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         elif protocol == 'linear':
             results['linear'] = {v: linear_probe(
                 fs.maps[v], labels, labeled.num_classes, holdout=args.probe_holdout, seed=args.seed,
-                steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True) for v in variants}
+                folds=args.probe_folds, steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True)
+                for v in variants}
         elif protocol == 'lost':
             results['lost'] = _run_lost(args, fs, labeled, labels, box_table, box_values)
         timing[f'{protocol}_s'] = time.perf_counter() - t0
