@@ -350,6 +350,20 @@ def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys):
     assert again['results'] == report['results']
 
 
+def test_evaluate_command_rejects_a_bad_fold_count_before_the_backbone_pass(vits_checkpoint, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError('the model was loaded before the fold count was checked')
+
+    monkeypatch.setattr('dvt_timm.evaluation.commands.load_model', no_model)
+    out = tmp_path / 'voc.json'
+    for folds in ('1', '4'):  # fewer than 2, more than the 3 images
+        with pytest.raises(ValueError, match=r'folds must be in \[2, 3\] for 3 images'):
+            _evaluate(['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--data',
+                       str(shared_path('data', 'voc_val_samples')), '--limit', '3', '--protocol', 'linear',
+                       '--probe-folds', folds, '--out', str(out)])
+    assert not out.exists()
+
+
 def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     for n in ('a', 'b', 'c'):

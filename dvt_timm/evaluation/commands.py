@@ -20,7 +20,7 @@ from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
 from .knn import knn_segmentation
 from .labels import LABEL_FORMATS, LabeledFolder, image_key, find_label_pairs
-from .linear_probe import linear_probe
+from .linear_probe import fold_splits, linear_probe
 from .lost import boxes_from_label, lost_discovery, read_boxes
 from .metrics import artifact_metrics
 
@@ -203,6 +203,8 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             if not images:
                 raise ValueError(f'{args.data}: no images found')
             names = [image_key(p, Path(args.data)) for p in images]
+    if 'linear' in protocols and args.probe_folds is not None:
+        fold_splits(len(images), args.probe_folds, args.seed)  # a bad fold count fails before the backbone pass
 
     # --- features (one backbone pass for every variant and protocol)
     t0 = time.perf_counter()

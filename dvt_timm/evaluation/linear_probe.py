@@ -111,6 +111,7 @@ def linear_probe(
                 logits = head((feats[i:i + 1].float() - mean) / std)[0]
                 cm.update(upsample_argmax(logits, labels[i].shape), labels[i])
     out = cm.scores(class_names)
+    # The first fold tests the largest group (tensor_split), so its training split is the smallest.
     train_images, test_images = len(splits[0][1]), sum(len(test) for test, _ in splits)
     out.update({
         'split': f'{folds}-fold (seed {seed})' if folds is not None else f'holdout {holdout} (seed {seed})',
