@@ -237,6 +237,11 @@ def test_training_learns_the_pattern_and_writes_outputs(reference_run, stage1_di
                    for r, f in pairs) / len(pairs)
     assert losses[-1] < 0.5 * losses[0]  # step 1 is the initial model's loss
     assert vals[-1] < 0.5 * identity, (vals, identity)
+    # The run logs that baseline itself, and the model card shows it beside the denoiser's held-out loss.
+    [baseline] = [r for r in log if r['event'] == 'baseline']
+    assert baseline['identity_val_loss'] == pytest.approx(identity, rel=1e-5)
+    assert f"| held-out loss of raw features as the prediction | {baseline['identity_val_loss']:.5f} |" in \
+        (out / 'README.md').read_text()
 
     assert {'config.json', 'model.safetensors', 'README.md', 'checkpoint.pt', 'log.jsonl'} <= {p.name for p in out.iterdir()}
     config = json.loads((out / 'config.json').read_text())
@@ -293,6 +298,7 @@ def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, 
     assert steps == list(range(1, 13))
     assert [r['val_loss'] for r in _log(out) if r['event'] == 'val'] == \
         [r['val_loss'] for r in _log(reference_run) if r['event'] == 'val']
+    assert (out / 'README.md').read_text() == (reference_run / 'README.md').read_text()  # the baseline survives too
 
     # Resuming a finished run only rewrites the final files, to the same values.
     (out / 'model.safetensors').unlink()

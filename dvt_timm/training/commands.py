@@ -80,9 +80,10 @@ def run_train_denoiser(args: argparse.Namespace) -> None:
     """Entry point of the subcommand (`func` of its parser)."""
     summary = train(config_from_args(args))
     if int(os.environ.get('RANK', '0')) == 0:
-        val = summary['val_loss']
-        print(f'wrote {summary["out"]} ({summary["backbone"]} denoiser, {summary["steps"]} steps, '
-              f'held-out loss {"n/a" if val is None else f"{val:.5f}"}, {len(summary["skipped"])} files skipped)')
+        val, identity = ('n/a' if x is None else f'{x:.5f}'
+                         for x in (summary['val_loss'], summary['identity_val_loss']))
+        print(f'wrote {summary["out"]} ({summary["backbone"]} denoiser, {summary["steps"]} steps, held-out loss {val} '
+              f'(raw features as the prediction: {identity}), {len(summary["skipped"])} files skipped)')
 
 
 def add_train_denoiser_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

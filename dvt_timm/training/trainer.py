@@ -222,6 +222,13 @@ def _loader(dataset: Stage1Dataset, sampler: _BatchList, workers: int, device: t
                       persistent_workers=workers > 0)
 
 
+class _Identity(nn.Module):
+    """Raw features as the prediction: the held-out loss a denoiser has to beat."""
+
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        return x
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp: bool) -> Optional[float]:
     """Mean per-sample distance over the held-out files, summed over every rank's share."""
@@ -267,8 +274,9 @@ class _JsonLog:
         atomic_write(self.path, lambda p: Path(p).write_text(''.join(line + '\n' for line in kept)))
 
 
-def _model_card(backbone: str, settings: Dict[str, Any], n_train: int, n_val: int, val_loss: Optional[float]) -> str:
-    val = f'{val_loss:.5f}' if val_loss is not None else 'n/a (no held-out files)'
+def _model_card(backbone: str, settings: Dict[str, Any], n_train: int, n_val: int, val_loss: Optional[float],
+                identity_loss: Optional[float]) -> str:
+    val, identity = (f'{x:.5f}' if x is not None else 'n/a (no held-out files)' for x in (val_loss, identity_loss))
     return f"""---
 library_name: dvt-timm
 tags:
@@ -301,13 +309,14 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 | schedule | {settings['warmup_frac']:.0%} linear warm-up, cosine to {settings['min_lr']} |
 | seed | {settings['seed']} |
 | final held-out loss (MSE + 1 - cosine) | {val} |
+| held-out loss of raw features as the prediction | {identity} |
 """
 
 
 def _write_final(out: Path, module: Denoiser, config: DenoiserConfig, settings: Dict[str, Any],
-                 n_train: int, n_val: int, val_loss: Optional[float]) -> None:
+                 n_train: int, n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> None:
     write_denoiser_checkpoint(out, module.state_dict(), config)
-    card = _model_card(config.backbone, settings, n_train, n_val, val_loss)
+    card = _model_card(config.backbone, settings, n_train, n_val, val_loss, identity_loss)
     atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
 
 
@@ -492,22 +501,32 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                          model=module.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
                          train_files=train_names, val_files=val_names, val_loss=last_val,
+                         identity_val_loss=identity_val,
                          denoiser_config=denoiser_config.to_dict())
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
             log(event='checkpoint', step=step)
 
-    def validate() -> Optional[float]:
-        nonlocal last_val
+    def held_out_loss(m: nn.Module) -> Optional[float]:
         if not len(val_ds):
             return None
         val_sampler.batches = eval_batches(val_ds.grids, cfg.batch_size // env.world_size, env.rank, env.world_size)
-        last_val = evaluate(module, val_loader, env, cfg.amp)
-        log(event='val', step=step, val_loss=last_val)
-        return last_val
+        return evaluate(m, val_loader, env, cfg.amp)
+
+    def validate() -> None:
+        nonlocal last_val
+        last_val = held_out_loss(module)
+        if last_val is not None:
+            log(event='val', step=step, val_loss=last_val)
 
     train_sampler, val_sampler = _BatchList(), _BatchList()
     train_loader = _loader(train_ds, train_sampler, cfg.workers, env.device)
     val_loader = _loader(val_ds, val_sampler, cfg.workers, env.device)
+    if resume:
+        identity_val = saved.get('identity_val_loss')
+    else:
+        identity_val = held_out_loss(_Identity())
+        if identity_val is not None:
+            log(event='baseline', step=0, identity_val_loss=identity_val)
     if env.is_main:
         _logger.info('training a %s denoiser on %d files (%d held out, %d skipped): %d steps of %d, lr %.3g, %s x%d',
                      data_backbone, len(train_items), len(val_items), len(scan.skipped), total, cfg.batch_size,
@@ -560,14 +579,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         save_checkpoint()
     # The final model comes after the final checkpoint: a kill in between is repaired by --resume.
     if env.is_main:
-        _write_final(out, module, denoiser_config, settings, len(train_items), len(val_items), last_val)
+        _write_final(out, module, denoiser_config, settings, len(train_items), len(val_items), last_val, identity_val)
         log(event='done', step=step, val_loss=last_val)
-        _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s)', out, data_backbone, step,
-                     'n/a' if last_val is None else f'{last_val:.5f}')
+        _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)',
+                     out, data_backbone, step, *('n/a' if x is None else f'{x:.5f}' for x in (last_val, identity_val)))
     if env.distributed:
         dist.barrier()  # no process exits before the outputs exist
-    return dict(out=str(out), steps=step, val_loss=last_val, backbone=data_backbone, train_files=len(train_items),
-                val_files=len(val_items), skipped=[(str(p), r) for p, r in scan.skipped])
+    return dict(out=str(out), steps=step, val_loss=last_val, identity_val_loss=identity_val, backbone=data_backbone,
+                train_files=len(train_items), val_files=len(val_items),
+                skipped=[(str(p), r) for p, r in scan.skipped])
 
 
 def _grid_counts(items: Sequence[Stage1Item]) -> str:
