@@ -350,17 +350,20 @@ def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys):
     assert again['results'] == report['results']
 
 
-def test_evaluate_command_rejects_a_bad_fold_count_before_the_backbone_pass(vits_checkpoint, tmp_path, monkeypatch):
+def test_evaluate_command_rejects_a_bad_split_before_the_backbone_pass(vits_checkpoint, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
-        raise AssertionError('the model was loaded before the fold count was checked')
+        raise AssertionError('the model was loaded before the split was checked')
 
     monkeypatch.setattr('dvt_timm.evaluation.commands.load_model', no_model)
     out = tmp_path / 'voc.json'
+    common = ['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--data',
+              str(shared_path('data', 'voc_val_samples')), '--limit', '3', '--out', str(out)]
     for folds in ('1', '4'):  # fewer than 2, more than the 3 images
         with pytest.raises(ValueError, match=r'folds must be in \[2, 3\] for 3 images'):
-            _evaluate(['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--data',
-                       str(shared_path('data', 'voc_val_samples')), '--limit', '3', '--protocol', 'linear',
-                       '--probe-folds', folds, '--out', str(out)])
+            _evaluate(common + ['--protocol', 'linear', '--probe-folds', folds])
+    for protocol, flag in (('linear', '--probe-holdout'), ('knn', '--knn-holdout')):
+        with pytest.raises(ValueError, match=r'holdout must be a fraction in \(0, 1\), got 1.5'):
+            _evaluate(common + ['--protocol', protocol, flag, '1.5'])
     assert not out.exists()
 
 

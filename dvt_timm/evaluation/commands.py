@@ -18,9 +18,9 @@ from ..checkpoint import atomic_write
 from ..data import list_images, load_image
 from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
-from .knn import knn_segmentation
+from .knn import knn_segmentation, query_split
 from .labels import LABEL_FORMATS, LabeledFolder, image_key, find_label_pairs
-from .linear_probe import fold_splits, linear_probe
+from .linear_probe import linear_probe, probe_splits
 from .lost import boxes_from_label, lost_discovery, read_boxes
 from .metrics import artifact_metrics
 
@@ -203,8 +203,11 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             if not images:
                 raise ValueError(f'{args.data}: no images found')
             names = [image_key(p, Path(args.data)) for p in images]
-    if 'linear' in protocols and args.probe_folds is not None:
-        fold_splits(len(images), args.probe_folds, args.seed)  # a bad fold count fails before the backbone pass
+    # A bad split (hold-out fraction, fold count) fails before the backbone pass, not after it.
+    if 'knn' in protocols:
+        query_split(len(images), args.knn_holdout, args.seed)
+    if 'linear' in protocols:
+        probe_splits(len(images), args.probe_holdout, args.probe_folds, args.seed)
 
     # --- features (one backbone pass for every variant and protocol)
     t0 = time.perf_counter()

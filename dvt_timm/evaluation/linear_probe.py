@@ -12,7 +12,7 @@ from .labels import IGNORE
 from .scores import ConfusionMatrix, upsample_argmax
 from .threads import single_thread
 
-__all__ = ['linear_probe', 'fold_splits']
+__all__ = ['linear_probe', 'fold_splits', 'probe_splits']
 
 
 def _resize_labels(labels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
@@ -29,6 +29,11 @@ def fold_splits(n: int, folds: int, seed: int) -> List[Tuple[List[int], List[int
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     groups = [sorted(g.tolist()) for g in perm.tensor_split(folds)]
     return [(test, sorted(set(range(n)) - set(test))) for test in groups]
+
+
+def probe_splits(n: int, holdout: float, folds: Optional[int], seed: int) -> List[Tuple[List[int], List[int]]]:
+    """The probe's (test images, training images) pairs: `folds` cross-validation folds, else one held-out split."""
+    return fold_splits(n, folds, seed) if folds is not None else [query_split(n, holdout, seed)]
 
 
 def _train_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, lr: float, weight_decay: float,
@@ -90,7 +95,7 @@ def linear_probe(
     """
     if feats.ndim != 4 or feats.shape[0] != len(labels):
         raise ValueError(f'feature maps {tuple(feats.shape)} do not match {len(labels)} labels')
-    splits = fold_splits(len(labels), folds, seed) if folds is not None else [query_split(len(labels), holdout, seed)]
+    splits = probe_splits(len(labels), holdout, folds, seed)
     h, w = feats.shape[-2:]
     size = tuple(train_label_size) if train_label_size is not None else (4 * h, 4 * w)
     g = torch.Generator().manual_seed(seed)

@@ -63,8 +63,9 @@ PRESETS = {
     # steps on few views overfit them. bf16 extraction is ~1.8x faster on CPUs with bf16 units; the hash
     # grid is sized to a 32x32 feature grid (crops zoom in at most ~3x), the paper's one overfits here.
     # Half of the samples from the full view keeps F at the scale it is read out at (zoomed-in crops see
-    # big objects as texture); with lr 0.03 it lifts F's kNN mIoU above raw on VOC and COCO, both banks
-    # (benchmarks/stage1_knn.py; a quarter fell short on COCO's patch bank).
+    # big objects as texture). With lr 0.03 it was the only setting at or above raw on both kNN banks of
+    # VOC and COCO in benchmarks/stage1_knn.py (a quarter fell short on COCO's patch bank); over other
+    # seeds and through the CLI F stays within about half a point of raw, sometimes below (docs/stage1.md).
     'fast': FieldSettings(
         image_size=448, n_views=36, iterations=300, samples_per_step=1024, full_view_share=0.5, lr=0.03,
         amp=True,
