@@ -501,7 +501,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                          model=module.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
                          train_files=train_names, val_files=val_names, val_loss=last_val,
-                         identity_val_loss=identity_val,
                          denoiser_config=denoiser_config.to_dict())
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
             log(event='checkpoint', step=step)
@@ -521,12 +520,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     train_sampler, val_sampler = _BatchList(), _BatchList()
     train_loader = _loader(train_ds, train_sampler, cfg.workers, env.device)
     val_loader = _loader(val_ds, val_sampler, cfg.workers, env.device)
-    if resume:
-        identity_val = saved.get('identity_val_loss')
-    else:
-        identity_val = held_out_loss(_Identity())
-        if identity_val is not None:
-            log(event='baseline', step=0, identity_val_loss=identity_val)
+    identity_val = held_out_loss(_Identity())  # recomputed on resume: the held-out files are fixed
+    if identity_val is not None and not resume:
+        log(event='baseline', step=0, identity_val_loss=identity_val)
     if env.is_main:
         _logger.info('training a %s denoiser on %d files (%d held out, %d skipped): %d steps of %d, lr %.3g, %s x%d',
                      data_backbone, len(train_items), len(val_items), len(scan.skipped), total, cfg.batch_size,
