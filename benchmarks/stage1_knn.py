@@ -6,7 +6,9 @@ The views of every image of a labelled folder are rendered and passed through th
 the optimisation on the same features, so the rows differ in the optimisation alone. For each row: kNN mIoU
 (centroid and patch banks, leave-one-image-out) of F, the artifact metrics of F (variance share of the
 per-position mean, mean |cos| with the zero-input map), the cosine of F + G with the raw map of the full view
-(how well the fields fit), and the optimisation time per image.
+(how well the fields fit), and the optimisation time per image; then the same scores for the raw map minus
+G (the positional term alone removed, no field in between) and the mean norms of raw, G and raw - F - G
+(what the field does not fit).
 
     DVT_SHARED=../shared python benchmarks/stage1_knn.py [--data voc_val_samples] [--cache /tmp/dvt_knn_cache]
     DVT_SHARED=../shared python benchmarks/stage1_knn.py --data coco_train_semseg --ignore-index 0 --rows 4 2
@@ -95,10 +97,13 @@ def main() -> None:
                                          [(it['seed'] + offset) % 2 ** 63 for it in batch], settings, backend='torch'))
             seconds = (time.perf_counter() - start) / len(items)
             clean = torch.cat([r.denoised for r in results]).permute(0, 3, 1, 2)
-            fitted = clean + torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
-            cos = F.cosine_similarity(fitted, raw, dim=1).mean().item()
-            label = f'{name} (F)' + (f', seeds +{offset}' if offset else '')
-            print(f'| {label} | {scores(clean)} | {cos:.3f} | {seconds:.1f} |', flush=True)
+            artifact = torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
+            cos = F.cosine_similarity(clean + artifact, raw, dim=1).mean().item()
+            label = name + (f', seeds +{offset}' if offset else '')
+            print(f'| {label} (F) | {scores(clean)} | {cos:.3f} | {seconds:.1f} |', flush=True)
+            norms = [t.norm(dim=1).mean().item() for t in (raw, artifact, raw - clean - artifact)]
+            print(f'| {label} (raw - G) | {scores(raw - artifact)} | | | norms: raw {norms[0]:.2f}, G {norms[1]:.2f}, '
+                  f'raw - F - G {norms[2]:.2f}', flush=True)
 
 
 if __name__ == '__main__':

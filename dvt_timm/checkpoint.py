@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint',
+    'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
     'write_denoiser_checkpoint', 'backbone_arch', 'atomic_write',
 ]
 
@@ -41,6 +41,7 @@ class DenoiserConfig:
     num_heads: int
     grid_size: int  # side K of the learned position embedding
     patch_size: int
+    input_size: Optional[int] = None  # side of the square images it was trained on; None: DVT's 518 / 512
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -53,10 +54,15 @@ class DenoiserConfig:
             raise CheckpointError(
                 f'{source}: format_version {data["format_version"]} is newer than this dvt-timm '
                 f'supports ({FORMAT_VERSION}); upgrade dvt-timm')
-        return cls(**{k: v for k, v in data.items() if k in names})
+        cfg = cls(**{k: v for k, v in data.items() if k in names})
+        size = cfg.input_size
+        if size is not None and not (isinstance(size, int) and size > 0 and size % cfg.patch_size == 0):
+            raise CheckpointError(f'{source}: input_size {size!r} is not a positive multiple of the patch size '
+                                  f'{cfg.patch_size}')
+        return cfg
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def backbone_arch(name: str) -> str:
@@ -135,27 +141,36 @@ def read_denoiser_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], D
     Returns the weights in our key layout and the config. For authors' files, the backbone id is taken
     from the file name (`<timm id>.pth`), as the authors name them.
     """
-    path = Path(path)
-    if path.is_dir():
-        cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if not weights_path.is_file():
-            raise FileNotFoundError(f'{path}: no {WEIGHTS_NAME} in checkpoint directory')
-        path = weights_path
-    else:
-        cfg_path = path.with_name(CONFIG_NAME)
+    path = _weights_path(path)
     obj = load_state_dict_file(path)
     if path.suffix != '.safetensors':
         sd = _from_authors(obj, path)
         named = timm.is_model(backbone_arch(path.stem)) and path.stem.count('.') <= 1
         return sd, _config_from_weights(sd, path.stem if named else '', path)
-    if cfg_path.is_file():
-        try:
-            cfg = DenoiserConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f'{cfg_path}: corrupt config ({e})') from e
-    else:
-        cfg = _config_from_weights(obj, '', path)
-    return obj, cfg
+    return obj, read_denoiser_config(path) or _config_from_weights(obj, '', path)
+
+
+def _weights_path(path: PathLike) -> Path:
+    """The weights file of a checkpoint given as a file or as a directory in our format."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f'{path}: no {WEIGHTS_NAME} in checkpoint directory')
+        return path / WEIGHTS_NAME
+    return path
+
+
+def read_denoiser_config(path: PathLike) -> Optional[DenoiserConfig]:
+    """The `config.json` of a denoiser in our format (a directory or its `model.safetensors`), without
+    loading the weights; None for an authors' `.pth` or a bare safetensors file."""
+    path = _weights_path(path)
+    cfg_path = path.with_name(CONFIG_NAME)
+    if path.suffix != '.safetensors' or not cfg_path.is_file():
+        return None
+    try:
+        return DenoiserConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{cfg_path}: corrupt config ({e})') from e
 
 
 def write_denoiser_checkpoint(directory: PathLike, state_dict: Dict[str, torch.Tensor], config: DenoiserConfig) -> None:

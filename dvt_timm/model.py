@@ -122,11 +122,12 @@ class DenoisedViT(
         self.in_chans: int = backbone.patch_embed.proj.in_channels
         self.feature_info = getattr(backbone, 'feature_info', None)
         self.grad_checkpointing = False
-        # timm's data config for a directly built model: the backbone's, at DVT's input size
-        # (`timm.create_model` replaces it with the registered cfg).
+        # timm's data config for a directly built model: the backbone's, at DVT's input size or the one a
+        # loaded denoiser was trained at (`timm.create_model` replaces it with the registered cfg).
         size = default_input_size(self.patch_size)
         self.pretrained_cfg = {**(getattr(backbone, 'pretrained_cfg', None) or {}),
                                'input_size': (self.in_chans, size, size), 'crop_pct': 1.0}
+        self.denoiser_input_size: Optional[int] = None  # from a loaded denoiser's config, when it records one
         self.denoiser: Optional[Denoiser] = Denoiser(
             self.embed_dim, grid_size or size // self.patch_size)
         self._denoising = True
@@ -189,7 +190,7 @@ class DenoisedViT(
     def denoiser_config(self) -> DenoiserConfig:
         return DenoiserConfig(
             backbone=self.backbone_name, embed_dim=self.embed_dim, num_heads=self.denoiser.num_heads,
-            grid_size=self.denoiser.grid_size, patch_size=self.patch_size)
+            grid_size=self.denoiser.grid_size, patch_size=self.patch_size, input_size=self.denoiser_input_size)
 
     def load_denoiser(self, path: PathLike) -> None:
         """Load denoiser weights from an authors' `.pth` or our format, checking they fit this backbone."""
@@ -207,6 +208,10 @@ class DenoisedViT(
             self.denoiser.load_state_dict(sd, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f'{path}: denoiser weights do not fit: {e}') from e
+        # The data config follows the size the denoiser was trained at, when its config records one.
+        self.denoiser_input_size = cfg.input_size
+        size = cfg.input_size or default_input_size(self.patch_size)
+        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, size, size)}
 
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.denoiser is None:

@@ -6,6 +6,7 @@ the Hugging Face Hub. The releases are listed in `weights/manifest.json`: the au
 `<backbone tag>_<training set>` (e.g. `lvd142m_voc`), and denoisers shipped in `weights/`. The first tag
 of each architecture is its default.
 """
+import dataclasses
 import json
 import logging
 from functools import partial
@@ -18,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
-from .checkpoint import backbone_arch
+from .checkpoint import backbone_arch, read_denoiser_config
 from .hub import fetch_denoiser
 from .model import DenoisedViT, default_input_size
 
@@ -33,12 +34,13 @@ _WEIGHTS = resources.files('dvt_timm.weights')
 _BACKBONES: Dict[str, str] = {}
 
 
-def _cfg(backbone: str, **kwargs: Any) -> Dict[str, Any]:
-    """A pretrained cfg: the backbone's normalisation and classes, DVT's input size (518 or 512)."""
+def _cfg(backbone: str, input_size: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+    """A pretrained cfg: the backbone's normalisation and classes, the denoiser's training size (default
+    DVT's 518 or 512)."""
     src = get_pretrained_cfg(backbone) or get_pretrained_cfg(backbone_arch(backbone))
     if src is None:
         raise ValueError(f'weights/manifest.json: {backbone!r} is not a timm model')
-    size = default_input_size(int(backbone.split('patch')[1][:2]))
+    size = input_size or default_input_size(int(backbone.split('patch')[1][:2]))
     return dict(
         input_size=(3, size, size), interpolation='bicubic', crop_pct=1.0, crop_mode='center',
         mean=src.mean, std=src.std, num_classes=0 if backbone.startswith('eva02') else src.num_classes,
@@ -59,7 +61,9 @@ def _manifest_cfgs() -> Dict[str, Dict[str, Any]]:
             raise ValueError(f'weights/manifest.json: release {rel["model"]!r} is listed twice')
         _BACKBONES[rel['model']] = rel['backbone']
         if 'folder' in rel:
-            source = dict(file=str(_WEIGHTS.joinpath(rel['folder'])))
+            folder = Path(str(_WEIGHTS.joinpath(rel['folder'])))
+            trained = read_denoiser_config(folder)
+            source = dict(file=str(folder), input_size=trained.input_size if trained else None)
         else:
             source = dict(hf_hub_id=rel['hf_hub_id'], hf_hub_filename=rel.get('hf_hub_filename', ''))
         cfgs[rel['model']] = _cfg(rel['backbone'], notes=(rel['notes'],), **source)
@@ -136,15 +140,19 @@ def _create_dvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Denois
     """Build through timm's `build_model_with_cfg` (pretrained cfg, `features_only`) with DVT's loading:
     backbone weights via timm, the denoiser via the Hub, and `backbone_checkpoint=` /
     `denoiser_checkpoint=` file overrides that load whether or not `pretrained` is set."""
-    cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
-        pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
+    overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
+                                 pretrained_cfg_overlay=overlay)
     kwargs.setdefault('backbone', backbone_for(f'{variant}.{cfg.tag}'))
     cache_dir = kwargs.pop('cache_dir', None)
     if cache_dir is not None:
         kwargs['cache_dir'] = cache_dir  # reaches timm.create_model for the backbone
     if pretrained and kwargs.get('denoiser_checkpoint') is None:
         kwargs['denoiser_checkpoint'] = _pretrained_denoiser(cfg, cache_dir)
+    trained = read_denoiser_config(kwargs['denoiser_checkpoint']) if kwargs.get('denoiser_checkpoint') else None
+    if trained is not None and trained.input_size and 'input_size' not in overlay:
+        # the data config says the size the denoiser was trained at, unless the caller set one
+        cfg = dataclasses.replace(cfg, input_size=(cfg.input_size[0], trained.input_size, trained.input_size))
     return build_model_with_cfg(
         partial(DenoisedViT, pretrained=pretrained), variant, pretrained=False, pretrained_cfg=cfg,
         feature_cfg=dict(out_indices=3, feature_cls='getter'), **kwargs)

@@ -35,6 +35,12 @@ def test_save_and_from_pretrained_round_trip(tmp_path, vits_checkpoint, authors_
                       'grid_size': 37, 'num_heads': 6, 'patch_size': 14}
     loaded = DenoisedViT.from_pretrained(out_dir, backbone_checkpoint=vits_checkpoint).eval()
     assert torch.equal(loaded.forward_features(photos), model.forward_features(photos))
+    # A config that records the training size keeps it through from_pretrained and save_pretrained.
+    (out_dir / 'config.json').write_text(json.dumps({**config, 'input_size': 448}))
+    sized = DenoisedViT.from_pretrained(out_dir, backbone_checkpoint=vits_checkpoint)
+    assert sized.pretrained_cfg['input_size'] == (3, 448, 448)
+    sized.save_pretrained(tmp_path / 'again')
+    assert json.loads((tmp_path / 'again' / 'config.json').read_text())['input_size'] == 448
     # the same directory also loads through the timm path
     import timm
     via_timm = timm.create_model('dvt_vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint,
@@ -104,6 +110,15 @@ def test_corrupt_or_truncated_file_names_the_file(tmp_path, authors_file, kind):
     source = authors_file[0] if kind == 'pth' else ours
     with pytest.raises(CheckpointError, match=str(target.name)):
         DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=source)
+
+
+def test_config_with_a_bad_input_size_is_refused(tmp_path, authors_file):
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    config = json.loads((ours / 'config.json').read_text())
+    (ours / 'config.json').write_text(json.dumps({**config, 'input_size': 450}))
+    with pytest.raises(CheckpointError, match=r'config.json: input_size 450 is not a positive multiple of the patch size 14'):
+        DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=ours)
 
 
 def test_backbone_checkpoint_errors(tmp_path, vits_checkpoint):

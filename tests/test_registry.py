@@ -34,7 +34,7 @@ def test_builds_and_runs(name):
     patch = model.patch_size
     data_cfg = timm.data.resolve_model_data_config(model)
     backbone_cfg = timm.get_pretrained_cfg(backbone_for(name))
-    assert data_cfg['input_size'] == (3, 518, 518) if patch == 14 else (3, 512, 512)
+    assert data_cfg['input_size'] == ((3, 518, 518) if patch == 14 else (3, 512, 512))
     assert data_cfg['mean'] == backbone_cfg.mean and data_cfg['std'] == backbone_cfg.std
     size = data_cfg['input_size'][1:]
     non_square = (448, 644) if patch == 14 else (448, 640)
@@ -63,7 +63,9 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
     state = model.denoiser.state_dict()
     assert shipped.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in shipped.items())
 
+    # Its data config is the size it was trained at (448 px, from its config.json), not DVT's 518.
     data_cfg = timm.data.resolve_model_data_config(model)
+    assert data_cfg['input_size'] == timm.get_pretrained_cfg(name).input_size == (3, 448, 448)
     with torch.inference_mode():
         raw, denoised = model.raw_and_denoised(load_batch(sample_images, 448, data_cfg['mean'], data_cfg['std']))
         reference = zero_input_map(model, 448)

@@ -208,6 +208,24 @@ def test_model_must_match_the_data(stage1_dir, tmp_path, capsys):
     assert not (tmp_path / 'x' / 'checkpoint.pt').exists()
 
 
+def test_denoiser_records_the_size_it_was_trained_at(tmp_path):
+    """Features all from 112 px images: config.json and the card say so, and a model loading the result
+    gets 112 px as its timm data config, directly and through timm.create_model."""
+    import timm
+
+    write_stage1(tmp_path / 'data', {(8, 8): 6})
+    out = tmp_path / 'run'
+    train(_config(tmp_path / 'data', out, steps=1, batch_size=2, val_frac=0.2, val_every=1, ckpt_every=1))
+    assert json.loads((out / 'config.json').read_text())['input_size'] == 112
+    assert '| input size of the stage-1 features | 112 px |' in (out / 'README.md').read_text()
+    for model in (DenoisedViT(BACKBONE, denoiser_checkpoint=out),
+                  timm.create_model('dvt_vit_small_patch14_dinov2', denoiser_checkpoint=out)):
+        assert timm.data.resolve_model_data_config(model)['input_size'] == (3, 112, 112)
+    overlaid = timm.create_model('dvt_vit_small_patch14_dinov2', denoiser_checkpoint=out,
+                                 pretrained_cfg_overlay=dict(input_size=(3, 224, 224)))
+    assert timm.data.resolve_model_data_config(overlaid)['input_size'] == (3, 224, 224)  # the caller's wins
+
+
 def test_bad_settings_are_refused(stage1_dir, tmp_path):
     with pytest.raises(ValueError, match='--epochs or --steps'):
         train(_config(stage1_dir, tmp_path / 'a', epochs=1))
@@ -246,6 +264,7 @@ def test_training_learns_the_pattern_and_writes_outputs(reference_run, stage1_di
     assert {'config.json', 'model.safetensors', 'README.md', 'checkpoint.pt', 'log.jsonl'} <= {p.name for p in out.iterdir()}
     config = json.loads((out / 'config.json').read_text())
     assert config['backbone'] == BACKBONE and config['grid_size'] == 37 and config['embed_dim'] == C
+    assert 'input_size' not in config  # the files mix two input sizes
     state = torch.load(out / 'checkpoint.pt', map_location='cpu', weights_only=True)
     assert state['step'] == 12 and state['scheduler']['last_epoch'] == 12
     assert {'model', 'optimizer', 'scheduler', 'rng'} <= set(state)

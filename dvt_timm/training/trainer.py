@@ -274,8 +274,8 @@ class _JsonLog:
         atomic_write(self.path, lambda p: Path(p).write_text(''.join(line + '\n' for line in kept)))
 
 
-def _model_card(backbone: str, settings: Dict[str, Any], n_train: int, n_val: int, val_loss: Optional[float],
-                identity_loss: Optional[float]) -> str:
+def _model_card(backbone: str, input_size: Optional[int], settings: Dict[str, Any], n_train: int, n_val: int,
+                val_loss: Optional[float], identity_loss: Optional[float]) -> str:
     val, identity = (f'{x:.5f}' if x is not None else 'n/a (no held-out files)' for x in (val_loss, identity_loss))
     return f"""---
 library_name: dvt-timm
@@ -303,6 +303,7 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 | setting | value |
 |---|---|
 | training / held-out files | {n_train} / {n_val} |
+| input size of the stage-1 features | {f'{input_size} px' if input_size else 'mixed'} |
 | steps | {settings['total_steps']} |
 | global batch | {settings['batch_size']} |
 | peak lr | {settings['lr']:.3g} (AdamW, betas {tuple(settings['betas'])}, weight decay {settings['weight_decay']}) |
@@ -316,7 +317,7 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 def _write_final(out: Path, module: Denoiser, config: DenoiserConfig, settings: Dict[str, Any],
                  n_train: int, n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> None:
     write_denoiser_checkpoint(out, module.state_dict(), config)
-    card = _model_card(config.backbone, settings, n_train, n_val, val_loss, identity_loss)
+    card = _model_card(config.backbone, config.input_size, settings, n_train, n_val, val_loss, identity_loss)
     atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
 
 
@@ -489,7 +490,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     if env.distributed:
         model = DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
     denoiser_config = DenoiserConfig(backbone=data_backbone, embed_dim=embed_dim, num_heads=module.num_heads,
-                                     grid_size=grid_size, patch_size=patch)
+                                     grid_size=grid_size, patch_size=patch, input_size=_training_size(train_items))
 
     def save_checkpoint() -> None:
         rngs = [_rng_state()]
@@ -584,6 +585,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     return dict(out=str(out), steps=step, val_loss=last_val, identity_val_loss=identity_val, backbone=data_backbone,
                 train_files=len(train_items), val_files=len(val_items),
                 skipped=[(str(p), r) for p, r in scan.skipped])
+
+
+def _training_size(items: Sequence[Stage1Item]) -> Optional[int]:
+    """The side of the square images all training features came from; None when they mix sizes."""
+    sizes = {it.input_size for it in items}
+    if len(sizes) != 1:
+        return None
+    H, W = sizes.pop()
+    return H if H == W else None
 
 
 def _grid_counts(items: Sequence[Stage1Item]) -> str:
