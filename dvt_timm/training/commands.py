@@ -10,7 +10,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .trainer import DEFAULT_EPOCHS, TrainConfig, train
+from .trainer import DEFAULT_EPOCHS, TrainConfig, loss_text, train
 
 __all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'config_from_args', 'run_train_denoiser',
            'build_parser', 'main']
@@ -80,8 +80,7 @@ def run_train_denoiser(args: argparse.Namespace) -> None:
     """Entry point of the subcommand (`func` of its parser)."""
     summary = train(config_from_args(args))
     if int(os.environ.get('RANK', '0')) == 0:
-        val, identity = ('n/a' if x is None else f'{x:.5f}'
-                         for x in (summary['val_loss'], summary['identity_val_loss']))
+        val, identity = loss_text(summary['val_loss']), loss_text(summary['identity_val_loss'])
         print(f'wrote {summary["out"]} ({summary["backbone"]} denoiser, {summary["steps"]} steps, held-out loss {val} '
               f'(raw features as the prediction: {identity}), {len(summary["skipped"])} files skipped)')
 

@@ -47,7 +47,7 @@ from .data import (
 )
 
 __all__ = [
-    'TrainConfig', 'DistEnv', 'train', 'default_lr', 'lr_at',
+    'TrainConfig', 'DistEnv', 'train', 'default_lr', 'lr_at', 'loss_text',
     'train_step', 'setup_distributed', 'CHECKPOINT_NAME', 'LOG_NAME',
 ]
 
@@ -274,9 +274,14 @@ class _JsonLog:
         atomic_write(self.path, lambda p: Path(p).write_text(''.join(line + '\n' for line in kept)))
 
 
+def loss_text(loss: Optional[float], missing: str = 'n/a') -> str:
+    """A held-out loss as logs, the CLI and the model card print it."""
+    return missing if loss is None else f'{loss:.5f}'
+
+
 def _model_card(backbone: str, input_size: Optional[int], settings: Dict[str, Any], n_train: int, n_val: int,
                 val_loss: Optional[float], identity_loss: Optional[float]) -> str:
-    val, identity = (f'{x:.5f}' if x is not None else 'n/a (no held-out files)' for x in (val_loss, identity_loss))
+    val, identity = (loss_text(x, 'n/a (no held-out files)') for x in (val_loss, identity_loss))
     return f"""---
 library_name: dvt-timm
 tags:
@@ -579,7 +584,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         _write_final(out, module, denoiser_config, settings, len(train_items), len(val_items), last_val, identity_val)
         log(event='done', step=step, val_loss=last_val)
         _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)',
-                     out, data_backbone, step, *('n/a' if x is None else f'{x:.5f}' for x in (last_val, identity_val)))
+                     out, data_backbone, step, loss_text(last_val), loss_text(identity_val))
     if env.distributed:
         dist.barrier()  # no process exits before the outputs exist
     return dict(out=str(out), steps=step, val_loss=last_val, identity_val_loss=identity_val, backbone=data_backbone,
