@@ -8,7 +8,7 @@ the optimisation on the same features, so the rows differ in the optimisation al
 per-position mean, mean |cos| with the zero-input map), the cosine of F + G with the raw map of the full view
 (how well the fields fit), and the optimisation time per image; then the same scores for the raw map minus
 G (the positional term alone removed, no field in between) and the mean norms of raw, G and raw - F - G
-(what the field does not fit).
+(what the field does not fit). With several `--seed-offsets`, a last row scores F averaged over them.
 
     DVT_SHARED=../shared python benchmarks/stage1_knn.py [--data voc_val_samples] [--cache /tmp/dvt_knn_cache]
     DVT_SHARED=../shared python benchmarks/stage1_knn.py --data coco_train_semseg --ignore-index 0 --rows 4 2
@@ -88,6 +88,7 @@ def main() -> None:
     rows = list(CANDIDATES.items())
     for name, overrides in [rows[i] for i in args.rows] if args.rows else rows:
         settings = PRESETS['fast'].with_overrides(**overrides)
+        fields = []
         for offset in args.seed_offsets:
             start, results = time.perf_counter(), []
             for i in range(0, len(items), args.batch_images):
@@ -97,6 +98,7 @@ def main() -> None:
                                          [(it['seed'] + offset) % 2 ** 63 for it in batch], settings, backend='torch'))
             seconds = (time.perf_counter() - start) / len(items)
             clean = torch.cat([r.denoised for r in results]).permute(0, 3, 1, 2)
+            fields.append(clean)
             artifact = torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
             cos = F.cosine_similarity(clean + artifact, raw, dim=1).mean().item()
             label = name + (f', seeds +{offset}' if offset else '')
@@ -104,6 +106,9 @@ def main() -> None:
             norms = [t.norm(dim=1).mean().item() for t in (raw, artifact, raw - clean - artifact)]
             print(f'| {label} (raw - G) | {scores(raw - artifact)} | | | norms: raw {norms[0]:.2f}, G {norms[1]:.2f}, '
                   f'raw - F - G {norms[2]:.2f}', flush=True)
+        if len(fields) > 1:  # does averaging away the seed-to-seed fit error lift F's kNN?
+            print(f'| {name}, F averaged over the {len(fields)} seeds | {scores(torch.stack(fields).mean(0))} | | |',
+                  flush=True)
 
 
 if __name__ == '__main__':

@@ -95,6 +95,7 @@ def test_ground_truth_decomposition_is_recovered(full_view_share):
     assert _centred_cos(out.artifact, G_true) >= 0.95
     assert _centred_cos(out.denoised, F_true(coords[0])) >= 0.95
     assert torch.equal(out.raw, y[0])
+    assert not any(t.requires_grad for t in (out.raw, out.denoised, out.artifact, out.residual))  # plain results
 
 
 def test_field_settings_reject_a_share_outside_0_1():

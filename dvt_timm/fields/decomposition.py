@@ -230,6 +230,6 @@ def decompose(
     with torch.no_grad():
         full = xy[:, :K * K]  # view 0 is the full image: its coords are the full-image grid
         raw = feats[:, :K * K].float()
-        out = Decomposition(raw, fields.semantics(full), fields.artifact, fields.residual_of(raw))
+        out = Decomposition(raw, fields.semantics(full), fields.artifact.detach(), fields.residual_of(raw))
     return Decomposition(*(t.reshape(B, K, K, C).float().cpu() for t in (
         out.raw, out.denoised, out.artifact, out.residual)))
