@@ -41,9 +41,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format='%(levelname)s %(message)s')
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f'dvt-timm {args.command}: error: {e}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # every long command writes atomically, so finished work is kept
+        print(f'dvt-timm {args.command}: interrupted; finished outputs are kept, run it again to resume',
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -16,22 +16,44 @@ PathLike = Union[str, os.PathLike]
 
 
 def list_images(source: PathLike) -> List[Path]:
-    """Images in a folder (sorted, recursive), or the paths listed one per line in a text file
-    (relative paths are taken from the list file's folder; blank lines and `#` comments are skipped)."""
+    """Images in a folder (sorted, recursive), one image file, or the paths listed one per line in a text
+    file (relative paths are taken from the list file's folder; blank lines and `#` comments are skipped)."""
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
+        return [source]
     if source.is_file():
         lines = (line.strip() for line in source.read_text().splitlines())
         return [source.parent / line for line in lines if line and not line.startswith('#')]
     raise FileNotFoundError(f'no image folder or list file at {source}')
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float single-channel images as 8-bit ones: PIL's `convert('RGB')` would clip them at 255."""
+    arr = np.asarray(img, dtype=np.float64)
+    top = arr.max(initial=0.0)
+    if img.mode.startswith('I;16'):
+        scale = 65535.0
+    elif img.mode == 'F' and top <= 1:
+        scale = 1.0
+    elif top <= 255:
+        scale = 255.0
+    elif top <= 65535:
+        scale = 65535.0
+    else:
+        raise ValueError(f'pixel values up to {top:g} in a mode {img.mode!r} image have no known range')
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / scale)), 0, 255).astype(np.uint8), 'L')
+
+
 def load_image(path: PathLike) -> Image.Image:
-    """Open an image as RGB; a file that is not a readable image raises `ValueError` naming it."""
+    """Open an image as RGB (16-bit and float grey images rescaled to 8 bits); a file that is not a
+    readable image raises `ValueError` naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert('RGB')
+            return (_to_8bit(img) if img.mode.startswith('I') or img.mode == 'F' else img).convert('RGB')
+    except Image.DecompressionBombError as e:
+        raise ValueError(f'{path}: too large to decode safely ({e})') from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for missing/corrupt/unknown files
         raise ValueError(f'{path}: not a readable image ({e})') from e
 

@@ -1,4 +1,6 @@
 """`DenoisedViT`: a timm ViT backbone with a DVT denoiser on its final patch tokens."""
+import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -7,17 +9,20 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 from huggingface_hub import ModelHubMixin
+from timm.models import adapt_input_conv
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from .checkpoint import (
-    CheckpointError, DenoiserConfig, backbone_arch, load_state_dict_file, read_denoiser_checkpoint,
+    CONFIG_NAME, CheckpointError, DenoiserConfig, backbone_arch, load_state_dict_file, read_denoiser_checkpoint,
     write_denoiser_checkpoint,
 )
 from .denoiser import Denoiser
 from .hub import fetch_denoiser
 
 __all__ = ['DenoisedViT', 'default_input_size']
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -123,13 +128,17 @@ class DenoisedViT(
         self.feature_info = getattr(backbone, 'feature_info', None)
         self.grad_checkpointing = False
         # timm's data config for a directly built model: the backbone's, at DVT's input size or the one a
-        # loaded denoiser was trained at (`timm.create_model` replaces it with the registered cfg).
-        size = default_input_size(self.patch_size)
-        self.pretrained_cfg = {**(getattr(backbone, 'pretrained_cfg', None) or {}),
-                               'input_size': (self.in_chans, size, size), 'crop_pct': 1.0}
+        # loaded denoiser was trained at (`timm.create_model` replaces it with the registered cfg); module
+        # paths are this model's.
+        cfg = dict(getattr(backbone, 'pretrained_cfg', None) or {})
+        for key in ('first_conv', 'classifier'):
+            if isinstance(cfg.get(key), str):
+                cfg[key] = f'backbone.{cfg[key]}'
+        self.pretrained_cfg = {**cfg, 'crop_pct': 1.0}
         self.denoiser_input_size: Optional[int] = None  # from a loaded denoiser's config, when it records one
+        self._set_input_size()
         self.denoiser: Optional[Denoiser] = Denoiser(
-            self.embed_dim, grid_size or size // self.patch_size)
+            self.embed_dim, grid_size or default_input_size(self.patch_size) // self.patch_size)
         self._denoising = True
 
         self.freeze_backbone = freeze_backbone
@@ -149,6 +158,21 @@ class DenoisedViT(
             raise ValueError(
                 f'{type(model).__name__} is not a ViT with patch tokens (missing {missing or ["patch_size"]}): '
                 f'{_SUPPORTED}')
+        if isinstance(model.norm, nn.Identity) and not isinstance(getattr(model, 'fc_norm', nn.Identity()), nn.Identity):
+            # timm moves the final norm into the head for average / max pooling; the denoiser reads normed tokens.
+            raise ValueError(
+                f"{type(model).__name__}'s final norm was moved to fc_norm (global_pool={model.global_pool!r}), so "
+                'its tokens reach the denoiser un-normed; keep it with fc_norm=False (VisionTransformer) or '
+                'use_fc_norm=False (Eva)')
+
+    def _set_input_size(self) -> None:
+        """The data config's input size: the backbone's own when it takes one size only, else the size the
+        loaded denoiser was trained at, else DVT's 518 / 512."""
+        if getattr(self.backbone, 'dynamic_img_size', False):
+            h = w = self.denoiser_input_size or default_input_size(self.patch_size)
+        else:
+            h, w = self.backbone.patch_embed.img_size
+        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, h, w)}
 
     # ----------------------------------------------------------------- switches
     @property
@@ -180,12 +204,38 @@ class DenoisedViT(
         sd = _strip_prefix(_strip_prefix(sd, 'module.'), 'model.')
         # timm's own filter converts original (e.g. Meta DINOv2) layouts and resizes position embeddings.
         filter_fn = getattr(sys.modules[type(self.backbone).__module__], 'checkpoint_filter_fn', None)
+        name = self.backbone_name or type(self.backbone).__name__
         try:
             if filter_fn is not None:
                 sd = filter_fn(sd, self.backbone)
-            self.backbone.load_state_dict(sd, strict=True)
+            sd, new_head = self._adapt_to_backbone(sd)
+            missing, unexpected = self.backbone.load_state_dict(sd, strict=False)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f'{path}: does not fit backbone {self.backbone_name or type(self.backbone).__name__}: {e}') from e
+            raise CheckpointError(f'{path}: does not fit backbone {name}: {e}') from e
+        missing = [k for k in missing if not k.startswith(new_head)]
+        if missing or unexpected:
+            raise CheckpointError(f'{path}: does not fit backbone {name}: missing keys {missing}, '
+                                  f'unexpected keys {unexpected}')
+
+    def _adapt_to_backbone(self, sd: Dict[str, Any]) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
+        """As timm does for pretrained weights: sum or repeat the first conv's input channels for
+        `in_chans` != 3, and leave a freshly initialised head where the checkpoint's does not fit
+        (`num_classes`, `global_pool='map'`). Returns the state dict and the key prefixes of the new head."""
+        sd = dict(sd)
+        own = self.backbone.state_dict()
+        conv = f'{self.backbone.pretrained_cfg.get("first_conv", "patch_embed.proj")}.weight'
+        if conv in sd and conv in own and sd[conv].shape[1] != own[conv].shape[1]:
+            sd[conv] = adapt_input_conv(own[conv].shape[1], sd[conv], base_chans=sd[conv].shape[1])
+        head = self.backbone.pretrained_cfg.get('classifier', 'head')
+        head_keys = [k for k in sd if k.startswith(f'{head}.')]
+        if any(k not in own or own[k].shape != sd[k].shape for k in head_keys):
+            for k in head_keys:
+                del sd[k]
+        new_head = (f'{head}.', 'attn_pool.')
+        fresh = sorted({k.split('.')[0] for k in own if k.startswith(new_head) and k not in sd})
+        if fresh:
+            _logger.info('backbone checkpoint has no weights for %s: left freshly initialised', ', '.join(fresh))
+        return sd, new_head
 
     def denoiser_config(self) -> DenoiserConfig:
         return DenoiserConfig(
@@ -210,13 +260,20 @@ class DenoisedViT(
             raise CheckpointError(f'{path}: denoiser weights do not fit: {e}') from e
         # The data config follows the size the denoiser was trained at, when its config records one.
         self.denoiser_input_size = cfg.input_size
-        size = cfg.input_size or default_input_size(self.patch_size)
-        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, size, size)}
+        self._set_input_size()
 
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.denoiser is None:
             raise RuntimeError('this model has no denoiser to save')
         write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], **kwargs: Any) -> 'DenoisedViT':
+        """A denoiser in our format from a Hub repo id or a local directory, on its backbone; see `_from_pretrained`."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except json.JSONDecodeError as e:  # huggingface_hub reads config.json itself, without naming it
+            raise CheckpointError(f'{pretrained_model_name_or_path}: corrupt {CONFIG_NAME}: {e}') from e
 
     @classmethod
     def _from_pretrained(
@@ -299,15 +356,15 @@ class DenoisedViT(
         return to_map(raw), to_map(clean)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The backbone's own head; it pools the class token, which the denoiser never changes."""
+        """The backbone's own head (pooling, norm, classifier) on tokens from `forward_features`."""
         return self.backbone.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's classifier output (or pooled features when `num_classes=0`), on or off alike.
-
-        The head reads only the class token, so the denoiser is skipped here; dense outputs come from
-        `forward_features`, `feature_map` and `forward_intermediates`.
-        """
+        """`forward_head(forward_features(x))`, as in timm: the backbone's classifier output (or pooled
+        features when `num_classes=0`). With class-token pooling (every DVT backbone's default) the head
+        never reads a patch token, so the denoiser is skipped."""
+        if self._denoising and getattr(self.backbone, 'global_pool', 'token') != 'token':
+            return self.forward_head(self.forward_features(x))
         self._grid(x)
         return self.backbone(x)
 
@@ -325,6 +382,8 @@ class DenoisedViT(
         """timm's `forward_intermediates`. With denoising on, the last block's entry is the denoised final
         feature map (taken after the final norm, which the denoiser expects, whatever `norm` says), and the
         final features are `forward_features`'s; every other entry is the backbone's own."""
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         grid = self._grid(x)
         last = len(self.backbone.blocks) - 1
         take_indices, max_index = feature_take_indices(last + 1, indices)

@@ -128,6 +128,37 @@ def test_backbone_checkpoint_errors(tmp_path, vits_checkpoint):
         DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=tmp_path / 'missing.safetensors')
 
 
+def test_backbone_checkpoint_with_a_new_head_or_input_channels(vits_checkpoint):
+    """As timm loads pretrained weights: a fresh head for another `num_classes` or `global_pool='map'`, the first
+    conv's RGB filters summed for one input channel, and every other weight from the file."""
+    from safetensors.torch import load_file
+    ref = load_file(str(vits_checkpoint))
+    model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint, num_classes=10, in_chans=1,
+                        global_pool='map').eval()
+    sd = model.backbone.state_dict()
+    assert sd['head.weight'].shape == (10, 384) and 'head.weight' not in ref
+    torch.testing.assert_close(sd['patch_embed.proj.weight'], ref['patch_embed.proj.weight'].sum(1, keepdim=True))
+    assert all(torch.equal(sd[k], v) for k, v in ref.items() if k != 'patch_embed.proj.weight')
+    x = torch.randn(1, 1, 56, 70)
+    with torch.no_grad():  # the 'map' head pools patch tokens, so forward reads the denoised ones, as in timm
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
+        assert not torch.allclose(model(x), model.denoise(False)(x))
+
+
+def test_pooling_that_drops_the_final_norm_is_refused():
+    with pytest.raises(ValueError, match='fc_norm=False'):
+        DenoisedViT('vit_small_patch14_dinov2', global_pool='avg')
+    DenoisedViT('vit_small_patch14_dinov2', global_pool='avg', fc_norm=False)
+
+
+def test_corrupt_config_through_from_pretrained_names_the_file(tmp_path, authors_file):
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    (ours / 'config.json').write_text('{"backbone": ')
+    with pytest.raises(CheckpointError, match='ours: corrupt config.json'):
+        DenoisedViT.from_pretrained(ours)
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / 'evil.pth'
     torch.save({'denoiser': {'pos_embed': torch.zeros(1, 4, 8)}, 'args': _Opaque()}, path)

@@ -101,7 +101,7 @@ def test_labeled_folder_pairs_skips_bad_files_and_maps_classes(tmp_path, caplog)
     assert LabeledFolder(root, limit=1).labels_format == 'index'  # detected
 
 
-def test_pairing_layouts(tmp_path):
+def test_pairing_layouts(tmp_path, caplog):
     flat = tmp_path / 'flat'
     flat.mkdir()
     for i in (2, 10):
@@ -115,6 +115,10 @@ def test_pairing_layouts(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'anns' / 'x.png')
     assert find_label_pairs(tmp_path / 'pics', labels_dir=tmp_path / 'anns') == [
         (tmp_path / 'pics' / 'x.jpg', tmp_path / 'anns' / 'x.png')]
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'pics' / 'unlabelled.jpg')
+    with caplog.at_level(logging.WARNING):  # an image without a label is left out, and said to be
+        assert len(find_label_pairs(tmp_path / 'pics', labels_dir=tmp_path / 'anns')) == 1
+    assert '1 of 2 images have no label and are left out: unlabelled.jpg' in caplog.text
     empty = tmp_path / 'empty'
     empty.mkdir()
     assert find_label_pairs(empty) == []
@@ -274,6 +278,10 @@ def test_load_stage1_folder(tmp_path, caplog):
     _write_stage1(tmp_path / 's2', 'y', torch.zeros(8, 5, 5), torch.zeros(8, 5, 5))
     with pytest.raises(ValueError, match='one input size'):
         load_stage1(tmp_path / 's2')
+    _write_stage1(tmp_path / 's3', 'x', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4))
+    _write_stage1(tmp_path / 's3', 'y', torch.zeros(16, 4, 4), torch.zeros(16, 4, 4), model='vit_base_patch14_dinov2')
+    with pytest.raises(ValueError, match=r"y.safetensors: features of vit_base_patch14_dinov2 \(16 channels\) differ"):
+        load_stage1(tmp_path / 's3')
     with pytest.raises(ValueError, match='no readable'):
         load_stage1(tmp_path / 's1', names=['missing'])
 
@@ -382,6 +390,12 @@ def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_pat
     assert 'denoised' not in report['results']['artifacts']
     with pytest.raises(ValueError, match='--data is required'):
         _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'knn'])
+    with pytest.raises(ValueError, match='holds features of vit_small_patch14_dinov2.lvd142m, but --model is '
+                                         'vit_small_patch14_reg4_dinov2'):  # the zero-input reference would be another's
+        _evaluate(['--features', str(tmp_path / 's1'), '--model', 'vit_small_patch14_reg4_dinov2', '--no-pretrained',
+                   '--protocol', 'artifacts', '--variants', 'raw', '--out', str(tmp_path / 'c.json')])
+    with pytest.raises(ValueError, match='is a folder'):  # refused before the work, not after it
+        _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--out', str(tmp_path / 's1')])
     with pytest.raises(ValueError, match='--variants'):
         _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--variants', 'clean'])
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):

@@ -98,9 +98,14 @@ def test_ground_truth_decomposition_is_recovered(full_view_share):
     assert not any(t.requires_grad for t in (out.raw, out.denoised, out.artifact, out.residual))  # plain results
 
 
-def test_field_settings_reject_a_share_outside_0_1():
+def test_field_settings_reject_values_that_would_train_nothing():
     with pytest.raises(ValueError, match='full_view_share'):
         FieldSettings(full_view_share=1.5)
+    for name in ('iterations', 'samples_per_step', 'n_views'):
+        with pytest.raises(ValueError, match=f'{name} must be at least 1, got 0'):
+            FieldSettings(**{name: 0})
+    with pytest.raises(ValueError, match='lr must be positive'):
+        FieldSettings(lr=0.0)
 
 
 def _run_cli(args, **kwargs):
@@ -153,3 +158,38 @@ def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_chec
         assert torch.equal(raw_a, raw_b) and torch.equal(den_a, den_b), name
     assert raw_a.shape == (8, 8, 384)
     assert item.model == 'vit_small_patch14_dinov2' and item.input_size == (112, 112) and item.patch_size == 14
+
+
+def test_denoise_images_cli_keeps_inputs_and_refuses_to_mix_settings(tmp_path, sample_images, vits_checkpoint, capsys):
+    """Outputs (and visuals) written into the image folder itself never overwrite an input or get read back
+    as inputs; an unreadable output is redone; a re-run with other settings stops instead of mixing runs."""
+    from dvt_timm.cli import main
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    inputs = {p.name: p.read_bytes() for p in sample_images[:2]}
+    for name, data in inputs.items():
+        (folder / name).write_bytes(data)
+    common = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
+              '--images', str(folder), '--out', str(folder), '--preset', 'fast', '--views', '1', '--iterations', '2',
+              '--dtype', 'fp32']
+
+    def run(*extra):
+        code = main([*common, *extra])
+        return code, capsys.readouterr()
+
+    code, printed = run('--image-size', '56', '--save-visuals')
+    assert code == 0 and '2 done, 0 skipped (already done), 0 failed' in printed.out
+    assert {name: (folder / name).read_bytes() for name in inputs} == inputs
+    assert sorted(p.name for p in (folder / 'visuals').iterdir()) == sorted(f'{Path(n).stem}.png' for n in inputs)
+    code, printed = run('--image-size', '56', '--save-visuals')
+    assert code == 0 and '0 done, 2 skipped (already done), 0 failed' in printed.out
+    stem = Path(sorted(inputs)[0]).stem
+    (folder / f'{stem}.safetensors').write_bytes(b'garbage')
+    code, printed = run('--image-size', '56')
+    assert code == 0 and '1 done, 1 skipped (already done), 0 failed' in printed.out
+    assert read_stage1(folder / f'{stem}.safetensors')[2].input_size == (56, 56)
+    code, printed = run('--image-size', '28')
+    assert code == 1 and 'was made with another input_size and settings than this run' in printed.err
+    with pytest.raises(SystemExit):
+        main([*common, '--batch-images', '0'])
+    assert 'must be at least 1, got 0' in capsys.readouterr().err

@@ -161,5 +161,24 @@ def test_eva_family_off_is_identical():
 
 
 def test_direct_model_has_a_timm_data_config():
-    cfg = timm.data.resolve_model_data_config(DenoisedViT('vit_base_patch16_224.dino'))
+    model = DenoisedViT('vit_base_patch16_224.dino')
+    cfg = timm.data.resolve_model_data_config(model)
     assert cfg['input_size'] == (3, 512, 512) and cfg['mean'] == (0.485, 0.456, 0.406)
+    assert model.get_submodule(model.pretrained_cfg['first_conv']) is model.backbone.patch_embed.proj
+    fixed = DenoisedViT('vit_small_patch16_224', dynamic_img_size=False)  # takes 224 px only
+    assert timm.data.resolve_model_data_config(fixed)['input_size'] == (3, 224, 224)
+
+
+def test_output_formats_timm_does_not_offer_are_refused(model, photos):
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC'"):
+        model.forward_intermediates(photos[:1], output_fmt='NHWC')
+
+
+@torch.no_grad()
+def test_resized_position_embedding_follows_in_place_updates():
+    """EMA teachers update weights in place (`p.data.mul_`); a resized copy must never be served stale."""
+    model = DenoisedViT('vit_small_patch16_224').eval()
+    x = torch.randn(1, 3, 96, 128)  # a 6x8 grid, not the embedding's 32x32
+    before = model.feature_map(x)
+    model.denoiser.pos_embed.data.mul_(2)
+    assert not torch.allclose(model.feature_map(x), before)

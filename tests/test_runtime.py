@@ -23,6 +23,16 @@ def test_torch_compile_matches_eager(vits_checkpoint, photos):
         assert not torch.allclose(compiled(x), eager, atol=1e-3)
 
 
+def test_compiles_as_one_graph_at_any_grid():
+    """`fullgraph=True` compiles, as for timm's own ViTs, when the position embedding must be resized."""
+    torch.manual_seed(0)
+    model = DenoisedViT('vit_tiny_patch16_224').eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        out = torch.compile(model.forward_features, backend='aot_eager', fullgraph=True)(x)
+        torch.testing.assert_close(out, model.forward_features(x))
+
+
 def test_bf16_autocast(vits_checkpoint, photos):
     model = _model(vits_checkpoint).eval()
     x = photos[:2, :, :224, :224]

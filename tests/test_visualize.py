@@ -113,6 +113,11 @@ def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_pat
         _visualize([str(sample_images[0]), '--model', 'x', '--patch', '0.5', '--out', str(out)])
     with pytest.raises(FileNotFoundError, match='no image'):
         _visualize([str(tmp_path / 'missing.png'), '--model', 'x', '--out', str(out)])
+    (tmp_path / 'other').mkdir()
+    twin = tmp_path / 'other' / f'{sample_images[0].stem}.jpg'  # same name, another picture
+    twin.write_bytes(sample_images[1].read_bytes())
+    with pytest.raises(ValueError, match=f"two images share the name '{sample_images[0].stem}'"):
+        _visualize([str(sample_images[0]), str(twin), '--model', 'x', '--out', str(out)])
     with pytest.raises(ValueError, match='.png'):
         _visualize([str(sample_images[0]), '--model', 'dvt_vit_small_patch14_dinov2', '--backbone-checkpoint',
                     str(vits_checkpoint), '--no-pretrained', '--raw-only', '--size', '56', '--out',

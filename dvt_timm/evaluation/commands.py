@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, backbone_arch
 from ..data import list_images, load_image
 from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
@@ -164,9 +164,22 @@ def format_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
 def _image_sizes(paths: Sequence[Path]) -> List[Tuple[int, int]]:
     sizes = []
     for p in paths:
-        with Image.open(p) as img:
-            sizes.append(img.size)
+        try:
+            with Image.open(p) as img:
+                sizes.append(img.size)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f'{p}: not a readable image ({e})') from e
     return sizes
+
+
+def _unique_stems(paths: Sequence[Path]) -> List[str]:
+    """The images' stems, which name their stage-1 files and cache entries; two alike would mix them up."""
+    seen: Dict[str, Path] = {}
+    for p in paths:
+        if p.stem in seen:
+            raise ValueError(f'two images share the name {p.stem!r}: {seen[p.stem]} and {p}')
+        seen[p.stem] = p
+    return list(seen)
 
 
 def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
@@ -180,6 +193,8 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError('give --model (or --features with stored stage-1 outputs)')
     if 'lost' in protocols and args.boxes and args.boxes_from_masks:
         raise ValueError('give either --boxes or --boxes-from-masks, not both')
+    if Path(args.out).is_dir():  # found now, not after the work
+        raise ValueError(f'--out {args.out} is a folder; give a .json file path')
     needs_labels = bool({'knn', 'linear'} & set(protocols)) or ('lost' in protocols and args.boxes_from_masks)
     # Box inputs are parsed now so that a bad file or value fails before the backbone pass.
     box_table = read_boxes(args.boxes) if 'lost' in protocols and args.boxes else None
@@ -219,6 +234,8 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         if args.limit and names is None:
             fs = fs.select(fs.names[:args.limit])
         if model is not None:
+            if backbone_arch(fs.model) != backbone_arch(model.backbone_name):
+                raise ValueError(f'{args.features} holds features of {fs.model}, but --model is {model.backbone_name}')
             fs.reference = zero_input_map(model, fs.input_size)
         missing = [v for v in variants if v not in fs.maps]
         if missing:
@@ -375,7 +392,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
-    names = [p.stem for p in paths]
+    names = _unique_stems(paths)
     if args.features is not None:
         fs = load_stage1(args.features, names=names)
     else:

@@ -126,6 +126,15 @@ def _by_stem(files: Sequence[Path]) -> Dict[str, Path]:
     return {p.stem: p for p in files}
 
 
+def _pair_by_stem(images: Sequence[Path], labels: Dict[str, Path], where: Path) -> List[Tuple[Path, Path]]:
+    """(image, label) for the images that have a label of their stem; the others are logged."""
+    unlabelled = [p.name for p in images if p.stem not in labels]
+    if unlabelled and len(unlabelled) < len(images):
+        _logger.warning('%s: %d of %d images have no label and are left out: %s', where, len(unlabelled),
+                        len(images), ', '.join(unlabelled[:5]) + (', ...' if len(unlabelled) > 5 else ''))
+    return [(p, labels[p.stem]) for p in images if p.stem in labels]
+
+
 def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> List[Tuple[Path, Path]]:
     """Pair images with labels in `root`. Recognised layouts (first match wins):
 
@@ -141,14 +150,12 @@ def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> L
         labels_dir = Path(labels_dir)
         if not labels_dir.is_dir():
             raise FileNotFoundError(f'no label folder at {labels_dir}')
-        labels = _by_stem(list_images(labels_dir))
         images = [p for p in list_images(root) if labels_dir not in p.parents]
-        return [(p, labels[p.stem]) for p in images if p.stem in labels]
+        return _pair_by_stem(images, _by_stem(list_images(labels_dir)), root)
     for img_dir in _IMAGE_DIRS:
         for lab_dir in _LABEL_DIRS:
             if (root / img_dir).is_dir() and (root / lab_dir).is_dir():
-                labels = _by_stem(list_images(root / lab_dir))
-                pairs = [(p, labels[p.stem]) for p in list_images(root / img_dir) if p.stem in labels]
+                pairs = _pair_by_stem(list_images(root / img_dir), _by_stem(list_images(root / lab_dir)), root)
                 if pairs:
                     return pairs
     files = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]

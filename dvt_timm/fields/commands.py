@@ -1,5 +1,6 @@
 """`dvt-timm denoise-images`: stage 1 over an image folder or list file."""
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -7,15 +8,25 @@ import torch
 
 from ..data import list_images
 from .decomposition import PRESETS
-from .folder import denoise_folder
+from .folder import denoise_folder, visuals_dir
 from .pipeline import resolve_settings
 
 __all__ = ['add_denoise_images_parser']
 
+_logger = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
 
 def _run(args: argparse.Namespace) -> None:
     from ..registry import load_model
-    images = list_images(args.images)
+    visual_pngs = visuals_dir(Path(args.out)).resolve()
+    images = [p for p in list_images(args.images) if visual_pngs not in p.resolve().parents]  # our own PNGs
     if not images:
         raise ValueError(f'no images found in {args.images}')
     overrides = dict(n_views=args.views, iterations=args.iterations, samples_per_step=args.samples_per_step,
@@ -27,6 +38,9 @@ def _run(args: argparse.Namespace) -> None:
     device = torch.device(args.device) if args.device else None
     if device is None and torch.cuda.is_available():
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    if args.preset == 'paper' and args.views is None and args.iterations is None and (device is None or device.type == 'cpu'):
+        _logger.warning('the paper preset (%d views, %d steps) is meant for a GPU; on a CPU use --preset fast',
+                        settings.n_views, settings.iterations)
     visuals = None
     if args.save_visuals:
         from .visuals import save_stage1_visuals
@@ -48,27 +62,27 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
                     'finished images; under torchrun each rank takes its share.')
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name')
     p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (default: timm pretrained)')
-    p.add_argument('--images', required=True, help='image folder or text file listing image paths')
+    p.add_argument('--images', required=True, help='image folder, one image, or text file listing image paths')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--preset', choices=sorted(PRESETS), default='paper',
                    help="'paper': the paper's settings (GPU); 'fast': CPU preset (see docs/stage1.md)")
-    p.add_argument('--save-visuals', action='store_true', help='also write a PNG per image: image, PCA of raw, '
-                   'PCA of F, G, |Δ|')
+    p.add_argument('--save-visuals', action='store_true', help='also write OUT/visuals/<stem>.png per image: '
+                   'image, PCA of raw, PCA of F, G, |Δ|')
     g = p.add_argument_group('settings (override the preset)')
     g.add_argument('--views', type=int, help='random views per image (plus the full image)')
-    g.add_argument('--iterations', type=int)
-    g.add_argument('--samples-per-step', type=int)
+    g.add_argument('--iterations', type=int, help='optimisation steps per image group')
+    g.add_argument('--samples-per-step', type=int, help='patch samples per image and step, from all its views')
     g.add_argument('--full-view-share', type=float,
                    help="share of each step's samples taken from the full view "
                    f"(paper: {PRESETS['paper'].full_view_share}; fast: {PRESETS['fast'].full_view_share})")
-    g.add_argument('--lr', type=float)
+    g.add_argument('--lr', type=float, help='Adam learning rate of the fields')
     g.add_argument('--image-size', type=int, help='squash-resize side (multiple of the patch size)')
-    g.add_argument('--seed', type=int)
+    g.add_argument('--seed', type=int, help='run seed; each image draws its views and samples from it and its stem')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast for feature extraction (default: preset / on for CUDA)')
     r = p.add_argument_group('run')
-    r.add_argument('--batch-images', type=int, default=4, help='images optimised together')
-    r.add_argument('--dtype', choices=('fp16', 'fp32'), default='fp16', help='stored feature precision')
+    r.add_argument('--batch-images', type=_positive_int, default=4, help='images optimised together (default: 4)')
+    r.add_argument('--dtype', choices=('fp16', 'fp32'), default='fp16', help='stored feature precision (default: fp16)')
     r.add_argument('--device', help='default: cuda:LOCAL_RANK when available, else cpu')
     r.add_argument('--backend', choices=('auto', 'torch', 'triton', 'tcnn'), default='auto',
                    help='hash-grid encoding backend')

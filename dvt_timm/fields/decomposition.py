@@ -50,6 +50,12 @@ class FieldSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.full_view_share <= 1:
             raise ValueError(f'full_view_share must be in [0, 1], got {self.full_view_share}')
+        for name in ('n_views', 'iterations', 'samples_per_step', 'image_size'):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # 0 steps or samples would write untrained fields as done
+                raise ValueError(f'{name} must be at least 1, got {value}')
+        if not self.lr > 0:
+            raise ValueError(f'lr must be positive, got {self.lr}')
 
     def with_overrides(self, **overrides) -> 'FieldSettings':
         """A copy with the given (non-None) settings changed."""

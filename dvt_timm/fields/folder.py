@@ -12,18 +12,19 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ..data import load_image
 from .decomposition import Decomposition, FieldSettings, image_seed
-from .outputs import write_stage1
+from .outputs import Stage1Error, check_stage1, write_stage1
 from .pipeline import denoise_images
 
-__all__ = ['FolderSummary', 'denoise_folder', 'output_path']
+__all__ = ['FolderSummary', 'denoise_folder', 'output_path', 'visuals_dir']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +43,28 @@ class FolderSummary:
 
 def output_path(out_dir: Path, image: Path) -> Path:
     return out_dir / f'{image.stem}.safetensors'
+
+
+def visuals_dir(out_dir: Path) -> Path:
+    """Where `--save-visuals` PNGs go: a subfolder, so they can never overwrite an input image."""
+    return out_dir / 'visuals'
+
+
+def _finished(path: Path, expected: Dict[str, str]) -> bool:
+    """Whether an existing output is finished work of this run: False (logged, redone) for an unreadable
+    file; an error for one made with other settings, which a resumed run must not mix in."""
+    try:
+        check_stage1(path)
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+    except (Stage1Error, SafetensorError, OSError) as e:
+        _logger.warning('redoing %s: %s', path, e)
+        return False
+    differ = sorted(k for k, v in expected.items() if meta.get(k) != v)
+    if differ:
+        raise ValueError(f'{path} was made with another {" and ".join(differ)} than this run; use another output '
+                         'folder, or delete the file to redo it')
+    return True
 
 
 def _rank_world() -> tuple:
@@ -72,7 +95,9 @@ def denoise_folder(
 ) -> FolderSummary:
     """Run stage 1 on this rank's share of `images`, writing `out_dir/<stem>.safetensors` per image.
 
-    `visuals(image, png_path, result)`, if given, writes a PNG per image next to the outputs.
+    `visuals(image, png_path, result)`, if given, writes a PNG per image to `visuals_dir(out_dir)`. Existing
+    outputs count as done when they were made with the same model, input size and settings (else the run
+    stops before computing anything); unreadable ones are redone.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,13 +111,17 @@ def denoise_folder(
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
     mine = groups[rank::world_size]
     _remove_stale_temps(out_dir, [p for g in mine for p in g])
+    expected = {'model': model_name, 'input_size': f'{settings.image_size},{settings.image_size}',
+                'settings': json.dumps(asdict(settings), sort_keys=True)}
+    finished = {p for g in mine for p in g
+                if output_path(out_dir, p).exists() and _finished(output_path(out_dir, p), expected)}
 
     summary = FolderSummary()
     start = time.perf_counter()
     bar = tqdm(total=sum(map(len, mine)), desc=f'stage 1 [rank {rank}/{world_size}]' if world_size > 1 else 'stage 1',
                unit='img', dynamic_ncols=True)
     for group in mine:
-        todo = [p for p in group if not output_path(out_dir, p).exists()]
+        todo = [p for p in group if p not in finished]
         summary.skipped += len(group) - len(todo)
         bar.update(len(group) - len(todo))
         if not todo:
@@ -106,7 +135,7 @@ def denoise_folder(
                 summary.failed.append(str(e))
                 _logger.warning('skipping %s', e)
                 bar.update(1)
-        if not loaded:
+        if not set(paths) - finished:  # the group's only unfinished images are unreadable ones
             continue
 
         def progress(stage: str, value: int) -> None:
@@ -115,17 +144,13 @@ def denoise_folder(
         results = denoise_images(model, loaded, settings, keys=[p.stem for p in paths], device=device,
                                  backend=backend, progress=progress)
         for p, image, result in zip(paths, loaded, results):
-            out = output_path(out_dir, p)
-            if out.exists():
+            if p in finished:
                 continue
-            meta = {
-                'model': model_name, 'input_size': f'{settings.image_size},{settings.image_size}',
-                'patch_size': str(settings.image_size // result.raw.shape[0]), 'image': str(p),
-                'image_seed': str(image_seed(settings.seed, p.stem)),
-                'settings': json.dumps(asdict(settings), sort_keys=True),
-            }
+            out = output_path(out_dir, p)
+            meta = {**expected, 'patch_size': str(settings.image_size // result.raw.shape[0]), 'image': str(p),
+                    'image_seed': str(image_seed(settings.seed, p.stem))}
             if visuals is not None:  # before the features: their file is what marks the image done
-                visuals(image, out.with_suffix('.png'), result)
+                visuals(image, visuals_dir(out_dir) / f'{p.stem}.png', result)
             write_stage1(out, result.raw, result.denoised, meta, dtype)
             summary.done += 1
             bar.update(1)

@@ -1,0 +1,30 @@
+"""Image input: listing, and loading files of every depth as the RGB images the backbone expects."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from dvt_timm.data import list_images, load_image
+
+
+def test_sixteen_bit_and_float_grey_images_keep_their_brightness(tmp_path):
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))  # 4x16 ramp
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'sixteen.png')  # PIL opens it as 'I;16'
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / 'float.tif')
+    for name in ('sixteen.png', 'float.tif'):
+        rgb = np.asarray(load_image(tmp_path / name))
+        assert rgb.shape == (4, 16, 3), name
+        np.testing.assert_allclose(rgb[..., 0], grey, atol=1, err_msg=name)
+
+
+def test_an_image_too_large_to_decode_is_a_named_error(tmp_path, monkeypatch):
+    Image.new('RGB', (64, 64)).save(tmp_path / 'big.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)  # 64*64 > 2x the limit: PIL refuses to decode it
+    with pytest.raises(ValueError, match='big.png: too large to decode safely'):
+        load_image(tmp_path / 'big.png')
+
+
+def test_one_image_file_is_a_list_of_one(tmp_path):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'one.jpg')
+    (tmp_path / 'list.txt').write_text('one.jpg\n# a comment\n\n')
+    assert list_images(tmp_path / 'one.jpg') == [tmp_path / 'one.jpg']
+    assert list_images(tmp_path / 'list.txt') == [tmp_path / 'one.jpg']
