@@ -158,7 +158,8 @@ class DenoisedViT(
             raise ValueError(
                 f'{type(model).__name__} is not a ViT with patch tokens (missing {missing or ["patch_size"]}): '
                 f'{_SUPPORTED}')
-        if isinstance(model.norm, nn.Identity) and not isinstance(getattr(model, 'fc_norm', nn.Identity()), nn.Identity):
+        fc_norm = getattr(model, 'fc_norm', None)
+        if isinstance(model.norm, nn.Identity) and fc_norm is not None and not isinstance(fc_norm, nn.Identity):
             # timm moves the final norm into the head for average / max pooling; the denoiser reads normed tokens.
             raise ValueError(
                 f"{type(model).__name__}'s final norm was moved to fc_norm (global_pool={model.global_pool!r}), so "

@@ -390,8 +390,9 @@ def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_pat
     assert 'denoised' not in report['results']['artifacts']
     with pytest.raises(ValueError, match='--data is required'):
         _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'knn'])
+    # The zero-input reference of another backbone would make |cos| meaningless.
     with pytest.raises(ValueError, match='holds features of vit_small_patch14_dinov2.lvd142m, but --model is '
-                                         'vit_small_patch14_reg4_dinov2'):  # the zero-input reference would be another's
+                                         'vit_small_patch14_reg4_dinov2'):
         _evaluate(['--features', str(tmp_path / 's1'), '--model', 'vit_small_patch14_reg4_dinov2', '--no-pretrained',
                    '--protocol', 'artifacts', '--variants', 'raw', '--out', str(tmp_path / 'c.json')])
     with pytest.raises(ValueError, match='is a folder'):  # refused before the work, not after it

@@ -280,7 +280,7 @@ def load_stage1(
             continue
         if first is not None and (item.model, item.embed_dim) != (first.model, first.embed_dim):
             raise ValueError(f'{path}: features of {item.model} ({item.embed_dim} channels) differ from '
-                             f'{first.path}\'s, of {first.model} ({first.embed_dim}); evaluate one backbone\'s together')
+                             f'{first.path}\'s, of {first.model} ({first.embed_dim}); evaluate one backbone at a time')
         if first is not None and item.grid != first.grid:
             raise ValueError(f'{path}: maps of grid {item.grid} differ from {first.path}\'s {first.grid}; '
                              'evaluate stage-1 outputs of one input size together')

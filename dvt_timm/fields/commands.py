@@ -38,7 +38,8 @@ def _run(args: argparse.Namespace) -> None:
     device = torch.device(args.device) if args.device else None
     if device is None and torch.cuda.is_available():
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    if args.preset == 'paper' and args.views is None and args.iterations is None and (device is None or device.type == 'cpu'):
+    on_cpu = device is None or device.type == 'cpu'
+    if on_cpu and args.preset == 'paper' and args.views is None and args.iterations is None:
         _logger.warning('the paper preset (%d views, %d steps) is meant for a GPU; on a CPU use --preset fast',
                         settings.n_views, settings.iterations)
     visuals = None
