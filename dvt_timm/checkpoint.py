@@ -95,6 +95,8 @@ def load_state_dict_file(path: PathLike) -> Dict[str, object]:
     corrupt, truncated, or holds pickled objects other than tensors and containers.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f'{path} is a folder; give the checkpoint file (.safetensors or .pth)')
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:

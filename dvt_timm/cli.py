@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_denoise_images_parser(sub)
     add_train_denoiser_parser(sub)
+    for command in sub.choices.values():  # `-v` after the command name too; SUPPRESS keeps an earlier one
+        command.add_argument('-v', '--verbose', action='store_true', default=argparse.SUPPRESS,
+                             help='log debug messages')
     return parser
 
 

@@ -16,16 +16,22 @@ PathLike = Union[str, os.PathLike]
 
 
 def list_images(source: PathLike) -> List[Path]:
-    """Images in a folder (sorted, recursive), one image file, or the paths listed one per line in a text
-    file (relative paths are taken from the list file's folder; blank lines and `#` comments are skipped)."""
+    """Images in a folder (sorted, recursive, hidden ones left out), one image file, or the paths listed one
+    per line in a text file (relative to the list file's folder; blank lines, `#` comments and repeats are
+    skipped)."""
     source = Path(source)
-    if source.is_dir():
-        return sorted(p for p in source.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if source.is_dir():  # hidden files and folders (.ipynb_checkpoints, ._x.jpg) are not the user's images
+        return sorted(p for p in source.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                      and not any(part.startswith('.') for part in p.relative_to(source).parts))
     if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
         return [source]
     if source.is_file():
         lines = (line.strip() for line in source.read_text().splitlines())
-        return [source.parent / line for line in lines if line and not line.startswith('#')]
+        paths = [source.parent / line for line in lines if line and not line.startswith('#')]
+        unique = list(dict.fromkeys(paths))
+        if len(unique) < len(paths):
+            _logger.warning('%s: %d repeated paths taken once', source, len(paths) - len(unique))
+        return unique
     raise FileNotFoundError(f'no image folder or list file at {source}')
 
 

@@ -59,6 +59,12 @@ def _strip_prefix(sd: Dict[str, Any], prefix: str) -> Dict[str, Any]:
     return sd
 
 
+def _first_lines(text: str, n: int = 6) -> str:
+    """A long message (torch lists every mismatched tensor) cut to its first `n` lines."""
+    lines = text.strip().splitlines()
+    return '\n'.join(lines[:n] + ([f'... ({len(lines) - n} more lines)'] if len(lines) > n else []))
+
+
 class DenoisedViT(
         nn.Module,
         ModelHubMixin,
@@ -212,11 +218,11 @@ class DenoisedViT(
             sd, new_head = self._adapt_to_backbone(sd)
             missing, unexpected = self.backbone.load_state_dict(sd, strict=False)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f'{path}: does not fit backbone {name}: {e}') from e
+            raise CheckpointError(f'{path}: does not fit backbone {name}: {_first_lines(str(e))}') from e
         missing = [k for k in missing if not k.startswith(new_head)]
         if missing or unexpected:
-            raise CheckpointError(f'{path}: does not fit backbone {name}: missing keys {missing}, '
-                                  f'unexpected keys {unexpected}')
+            raise CheckpointError(f'{path}: does not fit backbone {name}: missing keys {missing[:8]}, '
+                                  f'unexpected keys {unexpected[:8]} ({len(missing)} and {len(unexpected)} in all)')
 
     def _adapt_to_backbone(self, sd: Dict[str, Any]) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
         """As timm does for pretrained weights: sum or repeat the first conv's input channels for

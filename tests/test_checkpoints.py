@@ -122,8 +122,11 @@ def test_config_with_a_bad_input_size_is_refused(tmp_path, authors_file):
 
 
 def test_backbone_checkpoint_errors(tmp_path, vits_checkpoint):
-    with pytest.raises(CheckpointError, match='does not fit backbone vit_base_patch14_dinov2'):
+    with pytest.raises(CheckpointError, match='does not fit backbone vit_base_patch14_dinov2') as err:
         DenoisedViT('vit_base_patch14_dinov2', backbone_checkpoint=vits_checkpoint)
+    assert len(str(err.value).splitlines()) <= 7  # not torch's list of every mismatched tensor
+    with pytest.raises(CheckpointError, match='is a folder; give the checkpoint file'):
+        DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=tmp_path)
     with pytest.raises(FileNotFoundError, match='missing.safetensors'):
         DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=tmp_path / 'missing.safetensors')
 
@@ -168,6 +171,13 @@ def test_pickled_objects_are_refused(tmp_path):
 
 class _Opaque:  # an arbitrary class: weights_only loading must refuse to unpickle it
     pass
+
+
+def test_cli_verbose_flag_goes_before_or_after_the_command():
+    from dvt_timm.cli import build_parser
+    for argv in (['-v', 'convert', 'a.pth', 'out', '--model', 'x'], ['convert', 'a.pth', 'out', '--model', 'x', '-v']):
+        assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(['convert', 'a.pth', 'out', '--model', 'x']).verbose is False
 
 
 def test_cli_convert(tmp_path, authors_file, capsys):

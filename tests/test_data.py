@@ -23,8 +23,12 @@ def test_an_image_too_large_to_decode_is_a_named_error(tmp_path, monkeypatch):
         load_image(tmp_path / 'big.png')
 
 
-def test_one_image_file_is_a_list_of_one(tmp_path):
+def test_listing_one_file_a_list_or_a_folder(tmp_path):
     Image.new('RGB', (8, 8)).save(tmp_path / 'one.jpg')
-    (tmp_path / 'list.txt').write_text('one.jpg\n# a comment\n\n')
+    (tmp_path / 'list.txt').write_text('one.jpg\n# a comment\n\none.jpg\n')
     assert list_images(tmp_path / 'one.jpg') == [tmp_path / 'one.jpg']
-    assert list_images(tmp_path / 'list.txt') == [tmp_path / 'one.jpg']
+    assert list_images(tmp_path / 'list.txt') == [tmp_path / 'one.jpg']  # the repeat is taken once
+    for hidden in ('.ipynb_checkpoints/one.jpg', '._one.jpg'):  # notebook and macOS leftovers
+        (tmp_path / hidden).parent.mkdir(exist_ok=True)
+        Image.new('RGB', (8, 8)).save(tmp_path / hidden, format='JPEG')
+    assert list_images(tmp_path) == [tmp_path / 'one.jpg']

@@ -100,9 +100,11 @@ def split_files(items: Sequence[Stage1Item], val_frac: float, seed: int) -> Tupl
     `val_frac > 0`, and at least one is kept for training.
     """
     if not 0 <= val_frac < 1:
-        raise ValueError(f'val_frac must be in [0, 1), got {val_frac}')
+        raise ValueError(f'val_frac (--val-frac) must be in [0, 1), got {val_frac}')
     n = len(items)
     n_val = 0 if val_frac == 0 else min(max(round(val_frac * n), 1), n - 1)
+    if val_frac > 0 and n_val == 0:
+        _logger.warning('one stage-1 file: nothing is held out for validation')
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     val_idx = set(perm[:n_val])
     train = [it for i, it in enumerate(items) if i not in val_idx]
