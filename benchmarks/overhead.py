@@ -2,7 +2,7 @@
 
 Runs ViT-S/14 in fp32 on the CPU, and ViT-B/14 in bf16 on a CUDA GPU when one is present. The two
 forwards alternate within one process so drift in machine speed hits both equally; medians are printed
-with their ratio (the extra block is one of 12, so about 1.08 is the floor).
+with their ratio (the extra block is one of 12, so about 1.08 is expected).
 
     python benchmarks/overhead.py [--iters 10] [--threads N]
 """

@@ -7,6 +7,7 @@ decomposition. The label-free artifact metrics of F (|cos| with the zero-input m
 the per-position mean) are printed next to raw's.
 
     DVT_SHARED=../shared python benchmarks/stage1_presets.py [--images 6]
+    DVT_SHARED=../shared python benchmarks/stage1_presets.py --lr 0.01 --full-view-share 0   # the first preset's
 """
 import argparse
 import os
@@ -47,13 +48,15 @@ def centred_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--images', type=int, default=6, help='photos (spread over the train_images folder)')
+    parser.add_argument('--lr', type=float, help="every row's learning rate (default: the fast preset's)")
+    parser.add_argument('--full-view-share', type=float, help="every row's full-view share (default: the preset's)")
     args = parser.parse_args()
     shared = Path(os.environ['DVT_SHARED'])
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
     paths = list_images(shared / 'data' / 'train_images')
     paths = paths[:: max(len(paths) // args.images, 1)][:args.images]
     images, keys = [load_image(p) for p in paths], [p.stem for p in paths]
-    fast = PRESETS['fast']
+    fast = PRESETS['fast'].with_overrides(lr=args.lr, full_view_share=args.full_view_share)
 
     def run(overrides):
         settings = fast.with_overrides(**overrides)

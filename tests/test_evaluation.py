@@ -239,6 +239,13 @@ def test_lost_finds_the_high_norm_object():
         lost_box(feat, seed='attention')
 
 
+def test_box_classes_name_label_values_not_class_ids():
+    from dvt_timm.evaluation.commands import box_class_ids
+    assert box_class_ids([0, 1, 2], None) == [1, 2]  # VOC: value 0, background, is id 0
+    assert box_class_ids([1, 2, 3], None) == [0, 1, 2]  # COCO with value 0 ignored: person (1) is id 0
+    assert box_class_ids([1, 2, 95], set(range(1, 91))) == [0, 1]
+
+
 def test_read_boxes(tmp_path):
     good = tmp_path / 'boxes.json'
     good.write_text(json.dumps({'a': [[0, 0, 5, 5]], 'b': []}))

@@ -310,15 +310,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f'{type(o).__name__} is not JSON serialisable')
 
 
+def box_class_ids(class_values: Sequence[int], box_values: Optional[set]) -> List[int]:
+    """Contiguous class ids of the label values that are objects: `box_values` (`--box-classes`), else every
+    value but 0 (with `--ignore-index 0` on COCO, value 1, person, is id 0 and stays an object)."""
+    return [i for i, v in enumerate(class_values) if (v in box_values if box_values else v != 0)]
+
+
 def _run_lost(args: argparse.Namespace, fs: FeatureSet, labeled: Optional[LabeledFolder],
               labels: Optional[List[torch.Tensor]], box_table: Optional[Dict[str, List]],
               box_values: Optional[set]) -> Dict[str, Dict[str, Any]]:
     gt = None
     sizes = fs.image_sizes
     if args.boxes_from_masks:
-        classes = None
-        if box_values is not None:
-            classes = [i for i, v in enumerate(labeled.class_values) if v in box_values]
+        classes = box_class_ids(labeled.class_values, box_values)
         gt = [boxes_from_label(lab, classes, args.min_box_area) for lab in labels]
         sizes = [(lab.shape[1], lab.shape[0]) for lab in labels]  # boxes live in the label's pixel frame
     elif box_table is not None:
