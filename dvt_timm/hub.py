@@ -1,12 +1,16 @@
-"""Fetching denoisers from the Hugging Face Hub (through huggingface_hub's cache, so offline use works)."""
+"""Denoisers on the Hugging Face Hub: fetching them (through huggingface_hub's cache, so offline use works)
+and publishing a trained one."""
+import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_denoiser_checkpoint
 
-__all__ = ['split_repo_revision', 'fetch_denoiser']
+__all__ = ['split_repo_revision', 'fetch_denoiser', 'upload_denoiser']
+
+CARD_NAME = 'README.md'
 
 
 def split_repo_revision(repo_id: str, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:
@@ -33,3 +37,16 @@ def fetch_denoiser(
         return Path(hf_hub_download(repo_id, filename, revision=revision, **hf_kwargs))
     hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **hf_kwargs)
     return Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, **hf_kwargs)).parent
+
+
+def upload_denoiser(folder: Union[str, os.PathLike], repo_id: str, private: Optional[bool] = None,
+                    **hf_kwargs) -> str:
+    """Publish a denoiser folder in our format (e.g. `dvt-timm train-denoiser --out`) to a Hub model repo:
+    `config.json`, `model.safetensors` and its model card `README.md` with the training table, not the
+    training state (`checkpoint.pt`, logs). Returns the commit URL."""
+    folder = Path(folder)
+    read_denoiser_checkpoint(folder)  # a folder that does not load is not uploaded
+    api = HfApi(**hf_kwargs)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='Upload DVT denoiser',
+                                 allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))

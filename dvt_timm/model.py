@@ -274,6 +274,16 @@ class DenoisedViT(
             raise RuntimeError('this model has no denoiser to save')
         write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
 
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """The model card `save_pretrained` / `push_to_hub` write, naming this model's backbone."""
+        kwargs.setdefault('backbone', self.backbone_name or None)
+        return super().generate_model_card(*args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """huggingface_hub's `push_to_hub`; the model card's snippet loads from `repo_id`."""
+        kwargs['model_card_kwargs'] = {'repo_id': repo_id, **(kwargs.get('model_card_kwargs') or {})}
+        return super().push_to_hub(repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], **kwargs: Any) -> 'DenoisedViT':
         """A denoiser in our format from a Hub repo id or a local directory, on its backbone; see `_from_pretrained`."""

@@ -7,8 +7,8 @@ It runs the two stages in Python; the same recipe on the command line is
     dvt-timm denoise-images --model vit_small_patch14_dinov2 --images my_photos/ --out runs/mine/stage1 --preset fast
     dvt-timm train-denoiser --data runs/mine/stage1 --model vit_small_patch14_dinov2 --out runs/mine/denoiser
 
-and `DenoisedViT.from_pretrained('runs/mine/denoiser').push_to_hub('you/your-denoiser')` publishes it
-(or pass --push-to-hub here). Stage 1 is resumable: rerun the same command after an interruption.
+and `dvt_timm.hub.upload_denoiser('runs/mine/denoiser', 'you/your-denoiser')` publishes it with its model
+card (or pass --push-to-hub here). Stage 1 is resumable: rerun the same command after an interruption.
 Weights: --backbone-checkpoint when given, else the DINOv2 ViT-S/14 in $DVT_SHARED/weights when it exists
 and --model is that backbone, else timm's pretrained weights.
 """
@@ -24,6 +24,7 @@ from dvt_timm.data import image_to_tensor, list_images, load_image
 from dvt_timm.fields import PRESETS
 from dvt_timm.fields.folder import denoise_folder
 from dvt_timm.fields.pipeline import resolve_settings
+from dvt_timm.hub import upload_denoiser
 from dvt_timm.training import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
@@ -79,8 +80,7 @@ def main() -> None:
     cos = torch.nn.functional.cosine_similarity(raw, clean, dim=1).mean()
     print(f'loaded {out / "denoiser"}: {image.name} features {tuple(clean.shape)}, mean cosine(raw, denoised) {cos:.3f}')
     if args.push_to_hub:
-        trained.push_to_hub(args.push_to_hub)
-        print(f'pushed to https://huggingface.co/{args.push_to_hub}')
+        print(f'pushed: {upload_denoiser(out / "denoiser", args.push_to_hub)}')
 
 
 if __name__ == '__main__':

@@ -162,6 +162,33 @@ def test_corrupt_config_through_from_pretrained_names_the_file(tmp_path, authors
         DenoisedViT.from_pretrained(ours)
 
 
+def test_saved_model_card_names_the_backbone(tmp_path, authors_file):
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(tmp_path / 'ours')
+    card = (tmp_path / 'ours' / 'README.md').read_text()
+    assert 'for the timm backbone\n`vit_small_patch14_dinov2`' in card and 'see config.json' not in card
+
+
+def test_upload_denoiser_sends_the_model_not_the_training_state(tmp_path, authors_file, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+    from dvt_timm.hub import upload_denoiser
+    folder = tmp_path / 'run'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(folder)
+    (folder / 'checkpoint.pt').write_bytes(b'optimizer state')
+    (folder / 'log.jsonl').write_text('{}')
+    sent = {}
+    monkeypatch.setattr(HfApi, 'create_repo', lambda self, repo_id, **kw: sent.update(repo=repo_id))
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kw: sent.update(kw) or 'commit-url')
+    assert upload_denoiser(folder, 'me/denoiser') == 'commit-url' and sent['repo'] == 'me/denoiser'
+    files = sorted(filter_repo_objects([p.name for p in folder.iterdir()], allow_patterns=sent['allow_patterns']))
+    assert files == ['README.md', 'config.json', 'model.safetensors']
+    (folder / 'model.safetensors').write_bytes(b'broken')
+    sent.clear()
+    with pytest.raises(CheckpointError, match='model.safetensors'):
+        upload_denoiser(folder, 'me/denoiser')
+    assert not sent  # nothing is created or sent for a folder that does not load
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / 'evil.pth'
     torch.save({'denoiser': {'pos_embed': torch.zeros(1, 4, 8)}, 'args': _Opaque()}, path)

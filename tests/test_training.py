@@ -206,6 +206,9 @@ def test_model_must_match_the_data(stage1_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and 'vit_large_patch14_dinov2.lvd142m' in err and BACKBONE in err
     assert not (tmp_path / 'x' / 'checkpoint.pt').exists()
+    (tmp_path / 'a_file').write_text('')  # an OS error is one line too, as under `dvt-timm train-denoiser`
+    assert commands.main(_cli_args(stage1_dir, tmp_path / 'a_file')) == 1
+    assert 'dvt-timm train-denoiser: error:' in capsys.readouterr().err
 
 
 def test_denoiser_records_the_size_it_was_trained_at(tmp_path):
@@ -235,6 +238,28 @@ def test_bad_settings_are_refused(stage1_dir, tmp_path):
     with pytest.raises(ValueError, match=r'multiple of the number of processes \(2\)'):
         _check_config(_config(stage1_dir, tmp_path / 'd', batch_size=5), two)
     _check_config(_config(stage1_dir, tmp_path / 'd', batch_size=6), two)
+
+
+def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path):
+    """With checkpoints more often than loss logs, a NaN that enters between them must not be saved."""
+    write_stage1(tmp_path / 'data', {(8, 8): 8})
+    nan_file = tmp_path / 'data' / 'img003.safetensors'
+    tensors = load_file(str(nan_file))
+    tensors['raw'][0, 0, 0] = float('nan')
+    save_file(tensors, str(nan_file), metadata=_meta((8, 8)))
+    out = tmp_path / 'run'
+    with pytest.raises(RuntimeError, match='weights are not finite at step'):
+        train(_config(tmp_path / 'data', out, steps=8, batch_size=2, val_frac=0, ckpt_every=1, log_every=100))
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_files_that_can_never_fill_a_batch_are_reported(tmp_path, caplog):
+    write_stage1(tmp_path / 'data', {(8, 8): 6, (6, 10): 2})
+    with caplog.at_level('WARNING'):
+        train(_config(tmp_path / 'data', tmp_path / 'run', steps=1, batch_size=4, val_frac=0))
+    assert '2 training files are never used: their patch grids (6x10: 2) have fewer files than --batch-size 4' \
+        in caplog.text
 
 
 # ---------------------------------------------------------------------------- training runs

@@ -1,11 +1,9 @@
 """The `train-denoiser` command: argparse wiring for `dvt_timm.training.train`.
 
 `add_train_denoiser_parser(subparsers)` registers the subcommand on the `dvt-timm` CLI;
-`python -m dvt_timm.training ...` (and `torchrun ... -m dvt_timm.training ...`) runs the same command
-without it.
+`python -m dvt_timm.training ...` (and `torchrun ... -m dvt_timm.training ...`) runs the same command.
 """
 import argparse
-import logging
 import os
 import sys
 from typing import List, Optional
@@ -13,7 +11,7 @@ from typing import List, Optional
 from .trainer import DEFAULT_EPOCHS, TrainConfig, loss_text, train
 
 __all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'config_from_args', 'run_train_denoiser',
-           'build_parser', 'main']
+           'main']
 
 _DESCRIPTION = """\
 Train DVT's generalizable denoiser (stage 2) on a folder of stage-1 outputs.
@@ -94,21 +92,7 @@ def add_train_denoiser_parser(subparsers: argparse._SubParsersAction) -> argpars
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The stand-alone parser of `python -m dvt_timm.training`."""
-    p = argparse.ArgumentParser(prog='python -m dvt_timm.training', description=_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
-    add_train_denoiser_arguments(p)
-    return p
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format='%(levelname)s %(message)s')
-    try:
-        run_train_denoiser(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f'dvt-timm train-denoiser: error: {e}', file=sys.stderr)
-        return 1
-    return 0
+    """`python -m dvt_timm.training ARGS` (the torchrun entry point) is `dvt-timm train-denoiser ARGS`."""
+    from ..cli import main as cli_main
+    return cli_main(['train-denoiser', *(sys.argv[1:] if argv is None else argv)])

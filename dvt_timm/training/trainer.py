@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -445,6 +446,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     if per_epoch == 0:
         raise ValueError(f'--batch-size {cfg.batch_size} is larger than the {len(train_ds)} training files '
                          f'(per patch grid: {_grid_counts(train_items)}); lower it or add data')
+    unused = {grid: n for grid, n in Counter(train_ds.grids).items() if n < cfg.batch_size}
+    if unused and env.is_main:  # batches never mix grids, so these files can never fill one
+        _logger.warning('%d training files are never used: their patch grids (%s) have fewer files than '
+                        '--batch-size %d', sum(unused.values()),
+                        ', '.join(f'{h}x{w}: {n}' for (h, w), n in sorted(unused.items())), cfg.batch_size)
     total = cfg.steps or (cfg.epochs or DEFAULT_EPOCHS) * per_epoch
     peak = cfg.lr or default_lr(cfg.batch_size)
     settings = dict(backbone=data_backbone, total_steps=total, batch_size=cfg.batch_size, lr=peak,
@@ -498,6 +504,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                                      grid_size=grid_size, patch_size=patch, input_size=_training_size(train_items))
 
     def save_checkpoint() -> None:
+        # Checked here, not only at log steps: a non-finite checkpoint would replace the last good one.
+        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            raise RuntimeError(f'the weights are not finite at step {step}, so the checkpoint of an earlier step '
+                               'is kept: check the data (--verify-data rejects files holding NaN/Inf) or lower --lr')
         rngs = [_rng_state()]
         if env.distributed:  # every rank's RNG, so each resumes its own stream
             rngs = [None] * env.world_size
