@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 from huggingface_hub import ModelHubMixin
+from huggingface_hub.utils import HFValidationError
 from timm.models import adapt_input_conv
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -291,6 +292,9 @@ class DenoisedViT(
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except json.JSONDecodeError as e:  # huggingface_hub reads config.json itself, without naming it
             raise CheckpointError(f'{pretrained_model_name_or_path}: corrupt {CONFIG_NAME}: {e}') from e
+        except HFValidationError as e:  # neither a folder nor a valid repo id: most likely a mistyped path
+            raise FileNotFoundError(f'no denoiser folder at {pretrained_model_name_or_path}, and it is not a Hub '
+                                    'repo id (user/name)') from e
 
     @classmethod
     def _from_pretrained(

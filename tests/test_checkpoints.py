@@ -162,6 +162,11 @@ def test_corrupt_config_through_from_pretrained_names_the_file(tmp_path, authors
         DenoisedViT.from_pretrained(ours)
 
 
+def test_from_pretrained_of_a_mistyped_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no denoiser folder at .*runs/typo/denoiser'):
+        DenoisedViT.from_pretrained(str(tmp_path / 'runs' / 'typo' / 'denoiser'))
+
+
 def test_saved_model_card_names_the_backbone(tmp_path, authors_file):
     DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(tmp_path / 'ours')
     card = (tmp_path / 'ours' / 'README.md').read_text()

@@ -206,6 +206,8 @@ def test_model_must_match_the_data(stage1_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and 'vit_large_patch14_dinov2.lvd142m' in err and BACKBONE in err
     assert not (tmp_path / 'x' / 'checkpoint.pt').exists()
+    assert commands.main(_cli_args(stage1_dir, tmp_path / 'y', model='vit_smal_patch14_dinov2')) == 1
+    assert '--model vit_smal_patch14_dinov2 is not a timm model' in capsys.readouterr().err
     (tmp_path / 'a_file').write_text('')  # an OS error is one line too, as under `dvt-timm train-denoiser`
     assert commands.main(_cli_args(stage1_dir, tmp_path / 'a_file')) == 1
     assert 'dvt-timm train-denoiser: error:' in capsys.readouterr().err
@@ -252,6 +254,16 @@ def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path):
         train(_config(tmp_path / 'data', out, steps=8, batch_size=2, val_frac=0, ckpt_every=1, log_every=100))
     state = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_the_log_is_strict_json_even_for_a_nan_loss(tmp_path):
+    from dvt_timm.training.trainer import _JsonLog
+
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+    _JsonLog(tmp_path / 'log.jsonl', enabled=True)(event='val', step=4, val_loss=float('nan'))
+    assert json.loads((tmp_path / 'log.jsonl').read_text(), parse_constant=refuse) == \
+        {'event': 'val', 'step': 4, 'val_loss': None}
 
 
 def test_files_that_can_never_fill_a_batch_are_reported(tmp_path, caplog):

@@ -256,7 +256,8 @@ class _JsonLog:
         self.path, self.enabled = path, enabled
 
     def __call__(self, **record: Any) -> None:
-        if self.enabled:
+        if self.enabled:  # NaN / Inf as null: json.dumps would write NaN, which is not JSON
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
@@ -426,6 +427,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
     backbone = resolve_backbone(cfg.model)
+    if not timm.is_model(backbone_arch(backbone)):
+        raise ValueError(f'--model {cfg.model} is not a timm model (see timm.list_models())')
     saved = _read_resume_state(cfg, ckpt_path, env)
     resume = saved is not None
 
