@@ -18,7 +18,7 @@ import torch
 
 from dvt_timm import DenoisedViT
 from dvt_timm.data import image_to_tensor, list_images, load_image
-from dvt_timm.fields import PRESETS, decompose, extract_view_features, image_seed, render_views, sample_views, view_coords
+from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
 
 sys.path.insert(0, str(Path(__file__).parent))
 from encoding import bench_encoding, format_result  # noqa: E402
@@ -38,22 +38,23 @@ def _sync(device: torch.device) -> None:
 def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extract_batch: int = 32) -> dict:
     """Wall seconds for extraction and optimisation of `images` (PIL or (3, S, S) tensors) as one batch."""
     backbone = model.backbone.to(device).eval()
-    size, K = settings.image_size, settings.image_size // model.patch_size
+    size = settings.image_size
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
     amp = device.type == 'cuda' if settings.amp is None else settings.amp
     seeds = [image_seed(settings.seed, str(k)) for k in range(len(images))]
     _sync(device)
     t0 = time.perf_counter()
     feats, coords = [], []
-    for img, seed in zip(images, seeds):
-        views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed))
+    for img, seed in zip(images, seeds):  # as denoise_images does it
         x = img if isinstance(img, torch.Tensor) else image_to_tensor(img, size, mean, std)
-        f = extract_view_features(backbone, render_views(x, views), extract_batch, amp)
-        feats.append(f.to(torch.bfloat16) if device.type == 'cuda' else f)
-        coords.append(view_coords(views, size, K))
+        f, xy = image_view_features(backbone, x, settings, seed, amp, extract_batch)
+        feats.append(f)
+        coords.append(xy)
+    batch = torch.stack(feats)
+    feats.clear()
     _sync(device)
     t1 = time.perf_counter()
-    decompose(torch.stack(feats), torch.stack(coords).to(device), seeds, settings)
+    decompose(batch, torch.stack(coords).to(device), seeds, settings)
     _sync(device)
     t2 = time.perf_counter()
     n = len(images)

@@ -242,6 +242,20 @@ def test_backend_selection():
             enc(torch.rand(1, 4, 2))
 
 
+@pytest.mark.skipif(not has_triton(), reason='triton is not installed')
+def test_auto_backend_falls_back_when_the_kernel_cannot_run(monkeypatch, caplog):
+    """Triton builds its launcher with a C compiler on first use; without one, 'auto' must not fail the run."""
+    from dvt_timm.fields import encoding, encoding_triton
+
+    def no_compiler(*args):
+        raise RuntimeError('Failed to find C compiler')
+    monkeypatch.setattr(encoding_triton, 'hash_grid_triton', no_compiler)
+    monkeypatch.setattr(encoding, '_TRITON_USABLE', {})
+    with caplog.at_level('WARNING'):
+        assert not MultiHashGrid(TINY, n_fields=1)._triton_runs_on(torch.device('cpu', 0))
+    assert 'Failed to find C compiler' in caplog.text and 'PyTorch reference' in caplog.text
+
+
 def test_tcnn_wrapper_plumbing(monkeypatch):
     """The tcnn path's batch padding, per-field parameter views and gradient routing, with a CPU stand-in
     for tinycudann's bindings (flat params in tcnn layout, batches in multiples of 128)."""
@@ -321,8 +335,9 @@ _INTERPRETER_CHECK = textwrap.dedent('''
                            finest_resolution=64)
     f2 = HashGridConfig(n_levels=3, n_features_per_level=2, log2_hashmap_size=6, base_resolution=3,
                         finest_resolution=20)
+    probe = MultiHashGrid(small, n_fields=2)._triton_runs_on(torch.device('cpu', 0))  # what 'auto' checks on a GPU
     print(json.dumps({'small': compare(small, 3, 333, 0.5, 1.0), 'f2': compare(f2, 2, 129, 0.5, 1.0),
-                      'default': compare(HashGridConfig(), 2, 300, 0.05, 0.1)}))
+                      'default': compare(HashGridConfig(), 2, 300, 0.05, 0.1), 'probe_ran': probe}))
 ''')
 
 
@@ -333,6 +348,7 @@ def test_triton_matches_reference_interpreter():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res.pop('probe_ran') is True
     for name, r in res.items():
         # The interpreter's tl.fma rounds twice (unlike the GPU's fused fma), which moves pos by up to
         # one fp32 ulp (6e-5 at scale 1023) and a weight by as much; param and grad_out magnitudes are

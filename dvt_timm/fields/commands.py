@@ -3,6 +3,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(requested: Optional[str]) -> Optional[torch.device]:
+    """One GPU per process: cuda:LOCAL_RANK by default and for a bare `--device cuda` (modulo the visible
+    GPUs, for schedulers that show each task only its own), made current, since our Triton kernels launch
+    on the current device. None (the CPU) without CUDA."""
+    device = torch.device(requested) if requested else None
+    bare_cuda = device is not None and device.type == 'cuda' and device.index is None
+    if bare_cuda or device is None and torch.cuda.is_available():
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1))
+    if device is not None and device.type == 'cuda':
+        torch.cuda.set_device(device)
+    return device
+
+
 def _run(args: argparse.Namespace) -> None:
     from ..registry import load_model
     visual_pngs = visuals_dir(Path(args.out)).resolve()
@@ -35,9 +49,7 @@ def _run(args: argparse.Namespace) -> None:
     settings = PRESETS[args.preset].with_overrides(**overrides)  # a bad value fails before the model loads
     model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
     settings = resolve_settings(settings, model.patch_size)
-    device = torch.device(args.device) if args.device else None
-    if device is None and torch.cuda.is_available():
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    device = _device(args.device)
     on_cpu = device is None or device.type == 'cpu'
     if on_cpu and args.preset == 'paper' and args.views is None and args.iterations is None:
         _logger.warning('the paper preset (%d views, %d steps) is meant for a GPU; on a CPU use --preset fast',

@@ -15,11 +15,12 @@ with uint32 wraparound, and the parameter layout is tcnn's (``offset * F + index
 """
 import contextlib
 import functools
+import logging
 import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 BACKENDS = ('torch', 'triton', 'tcnn')
+
+_logger = logging.getLogger(__name__)
+_TRITON_USABLE: Dict[int, bool] = {}  # CUDA device index -> our kernel ran there (see `_triton_runs_on`)
 
 _U32 = 0xFFFFFFFF
 _HASH_PRIME_Y = 2654435761  # tcnn's coherent prime hash factors are (1, 2654435761, ...)
@@ -197,7 +201,9 @@ def hash_grid_torch(params: Tensor, coords: Tensor, level_scale: Tensor, level_t
     flat = params.reshape(n_fields * n_params, n_feat)
     vals = flat.index_select(0, (base + idx).reshape(-1)).view(n_fields, n_samples, n_levels, 4, n_feat)
     # (1 x 4) @ (4 x F) per (field, sample, level): no (..., 4, F) weighted temporary, ~3x faster on CPU.
-    out = torch.matmul(weight.to(params.dtype).unsqueeze(-2), vals)
+    # Outside autocast, which would make it bf16: the other backends blend in fp32.
+    with torch.autocast(coords.device.type, enabled=False):
+        out = torch.matmul(weight.to(params.dtype).unsqueeze(-2), vals)
     return out.reshape(n_fields, n_samples, n_levels * n_feat)
 
 
@@ -288,11 +294,28 @@ class MultiHashGrid(nn.Module):
         if self._backend != 'auto':
             return self._backend
         if device.type == 'cuda':
-            if has_triton():
+            if has_triton() and self._triton_runs_on(device):
                 return 'triton'
             if has_tcnn():
                 return 'tcnn'
         return 'torch'
+
+    def _triton_runs_on(self, device: torch.device) -> bool:
+        """Whether our kernel compiles and runs on this GPU: Triton builds its launcher with the system's C
+        compiler on first use, which slim containers lack. Checked once per device with a one-sample call;
+        on failure 'auto' falls back, with a warning, instead of failing the run."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _TRITON_USABLE:
+            try:
+                from .encoding_triton import hash_grid_triton
+                coords = torch.zeros(1, 1, 2, device=device)
+                hash_grid_triton(self.params[:1].detach().float(), coords, self.level_scale, self.level_table)
+                _TRITON_USABLE[index] = True
+            except Exception as e:  # any failure to build or launch: the reference still works
+                _logger.warning('Triton hash-grid kernel unusable on cuda:%d (%s: %s); using %s',
+                                index, type(e).__name__, e, 'tcnn' if has_tcnn() else 'the PyTorch reference')
+                _TRITON_USABLE[index] = False
+        return _TRITON_USABLE[index]
 
     def forward(self, coords: Tensor) -> Tensor:
         """Encode (n_fields, N, 2) coordinates in [0, 1] (or (N, 2), shared by all fields) to (n_fields, N, L*F)."""

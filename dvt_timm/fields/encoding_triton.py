@@ -12,6 +12,8 @@ Index math is uint32 with wraparound, exactly like tcnn.
 Import this module only where triton is installed (`encoding.has_triton()` guards it). For CPU testing
 set ``TRITON_INTERPRET=1`` before triton is first imported and pass CPU tensors.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -135,9 +137,13 @@ _BLOCK = 128  # rows per program: one (field, sample) row per thread at 4 warps
 _NUM_WARPS = 4
 
 
-def _launch(kernel, n_rows: int, n_levels: int, n_feat: int, *args) -> None:
+def _launch(kernel, n_rows: int, n_levels: int, n_feat: int, device: torch.device, *args) -> None:
     grid = (triton.cdiv(n_rows, _BLOCK), n_levels)
-    kernel[grid](*args, OUT_DIM=n_levels * n_feat, F=n_feat, FV=min(n_feat, 4), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    # Triton launches on the current CUDA device and its stream, not on the tensors' device: under torchrun
+    # rank r's tensors live on cuda:r while the current device may still be cuda:0.
+    with torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext():
+        kernel[grid](*args, OUT_DIM=n_levels * n_feat, F=n_feat, FV=min(n_feat, 4), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
 
 
 class _HashGridFunction(torch.autograd.Function):
@@ -149,13 +155,13 @@ class _HashGridFunction(torch.autograd.Function):
         n_levels = level_scale.shape[0]
         n_feat = params.shape[-1]
         n_rows = n_fields * n_samples
-        if n_rows >= 2 ** 31:
-            raise ValueError(f'n_fields * N = {n_rows} must be < 2**31')
+        if n_rows >= 2 ** 30:  # the kernel addresses coordinate rows * 2 in int32
+            raise ValueError(f'n_fields * N = {n_rows} must be < 2**30')
         coords = coords.to(torch.float32).contiguous()
         params = params.contiguous()
         out = torch.empty(n_fields, n_samples, n_levels * n_feat, device=coords.device, dtype=torch.float32)
         if n_rows:
-            _launch(_hash_grid_fwd_kernel, n_rows, n_levels, n_feat,
+            _launch(_hash_grid_fwd_kernel, n_rows, n_levels, n_feat, coords.device,
                     coords, params, out, level_scale, level_table, n_rows, n_samples, params.shape[1] * n_feat)
         ctx.save_for_backward(coords, level_scale, level_table)
         ctx.params_shape = params.shape
@@ -174,8 +180,8 @@ class _HashGridFunction(torch.autograd.Function):
             grad_out = grad_out.to(torch.float32).contiguous()
             grad_params = torch.zeros(ctx.params_shape, device=grad_out.device, dtype=torch.float32)
             if n_rows:
-                _launch(_hash_grid_bwd_kernel, n_rows, n_levels, n_feat, coords, grad_out, grad_params,
-                        level_scale, level_table, n_rows, n_samples, ctx.params_shape[1] * n_feat)
+                _launch(_hash_grid_bwd_kernel, n_rows, n_levels, n_feat, coords.device, coords, grad_out,
+                        grad_params, level_scale, level_table, n_rows, n_samples, ctx.params_shape[1] * n_feat)
         return grad_params, None, None, None
 
 

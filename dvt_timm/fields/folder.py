@@ -2,7 +2,8 @@
 
 Images are taken in sorted order in fixed groups of `batch_images`, whose fields are optimised
 together. The grouping never depends on what is already done, so a resumed run recomputes a
-half-written group whole and its results are bit-identical to an uninterrupted run's. Under `torchrun`
+half-written group whole and its results are bit-identical to an uninterrupted run's on the CPU (on a GPU
+the kernels' atomic adds leave float-rounding differences between runs). Under `torchrun`
 rank r takes groups r, r + W, r + 2W, ...; ranks share nothing, so one GPU per rank on any number of
 nodes works without a scheduler of ours.
 """

@@ -157,7 +157,7 @@ def setup_distributed(device: Optional[str] = None) -> DistEnv:
         if not torch.cuda.is_available():
             raise RuntimeError(f'--device {device} asked for CUDA, but torch sees no CUDA GPU')
         if world > 1:
-            dev = torch.device('cuda', local_rank)  # one GPU per process
+            dev = torch.device('cuda', local_rank % torch.cuda.device_count())  # one GPU per process
         elif dev.index is None:
             dev = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(dev)
