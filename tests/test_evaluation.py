@@ -99,6 +99,10 @@ def test_labeled_folder_pairs_skips_bad_files_and_maps_classes(tmp_path, caplog)
     assert set(lf.labels[1].unique().tolist()) == {IGNORE, 0, 2}
     assert lf.names == ['images/im0', 'images/im1', 'images/im3']
     assert LabeledFolder(root, limit=1).labels_format == 'index'  # detected
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a value the files never hold: probably a mistyped flag
+        assert LabeledFolder(root, labels_format='index', ignore_index=300).num_classes == 4
+    assert 'no label file holds the ignore index 300' in caplog.text
 
 
 def test_pairing_layouts(tmp_path, caplog):

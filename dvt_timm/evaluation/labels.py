@@ -227,6 +227,9 @@ class LabeledFolder:
             self.label_paths.append(lab)
         if not raw:
             raise ValueError(f'{self.root}: none of the {len(pairs)} label files could be read')
+        if self.ignore_index is not None and not any((r == IGNORE).any() for r in raw):
+            _logger.warning('%s: no label file holds the ignore index %d, so nothing is ignored; check '
+                            '--ignore-index', self.root, self.ignore_index)
         values = sorted(set().union(*(np.unique(r).tolist() for r in raw)) - {IGNORE})
         if not values:
             raise ValueError(f'{self.root}: every label pixel is ignored (ignore index {self.ignore_index})')
