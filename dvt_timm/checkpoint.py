@@ -26,6 +26,7 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
+CARD_NAME = 'README.md'  # the model card beside them
 PathLike = Union[str, os.PathLike]
 
 

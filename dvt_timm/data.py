@@ -1,14 +1,16 @@
 """Images in, normalised tensors out: listing folders, safe loading, DVT's squash-resize."""
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['IMAGE_EXTENSIONS', 'list_images', 'load_image', 'image_to_tensor', 'load_batch']
+__all__ = ['IMAGE_EXTENSIONS', 'list_images', 'unique_stems', 'load_image', 'image_size', 'image_to_tensor',
+           'load_batch']
 
 _logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -35,6 +37,16 @@ def list_images(source: PathLike) -> List[Path]:
     raise FileNotFoundError(f'no image folder or list file at {source}')
 
 
+def unique_stems(paths: Sequence[Path]) -> List[str]:
+    """The images' file stems, which name their outputs and cache entries; two alike are an error naming both."""
+    seen: Dict[str, Path] = {}
+    for p in paths:
+        if p.stem in seen:
+            raise ValueError(f'two images share the name {p.stem!r}: {seen[p.stem]} and {p}')
+        seen[p.stem] = p
+    return list(seen)
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and float single-channel images as 8-bit ones: PIL's `convert('RGB')` would clip them at 255."""
     arr = np.asarray(img, dtype=np.float64)
@@ -52,16 +64,29 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / scale)), 0, 255).astype(np.uint8), 'L')
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Open an image as RGB (16-bit and float grey images rescaled to 8 bits); a file that is not a
-    readable image raises `ValueError` naming it."""
+@contextlib.contextmanager
+def _open_image(path: PathLike) -> Iterator[Image.Image]:
+    """`Image.open`, with every way a file can fail to be an image raised as `ValueError` naming it."""
     try:
         with Image.open(path) as img:
-            return (_to_8bit(img) if img.mode.startswith('I') or img.mode == 'F' else img).convert('RGB')
+            yield img
     except Image.DecompressionBombError as e:
         raise ValueError(f'{path}: too large to decode safely ({e})') from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for missing/corrupt/unknown files
         raise ValueError(f'{path}: not a readable image ({e})') from e
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Open an image as RGB (16-bit and float grey images rescaled to 8 bits); a file that is not a
+    readable image raises `ValueError` naming it."""
+    with _open_image(path) as img:
+        return (_to_8bit(img) if img.mode.startswith('I') or img.mode == 'F' else img).convert('RGB')
+
+
+def image_size(path: PathLike) -> Tuple[int, int]:
+    """(width, height) of an image from its header; errors as for `load_image`."""
+    with _open_image(path) as img:
+        return img.size
 
 
 def image_to_tensor(

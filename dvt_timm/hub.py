@@ -6,11 +6,9 @@ from typing import Optional, Tuple, Union
 
 from huggingface_hub import HfApi, hf_hub_download
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_denoiser_checkpoint
+from .checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_denoiser_checkpoint
 
 __all__ = ['split_repo_revision', 'fetch_denoiser', 'upload_denoiser']
-
-CARD_NAME = 'README.md'
 
 
 def split_repo_revision(repo_id: str, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:

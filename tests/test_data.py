@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvt_timm.data import list_images, load_image
+from dvt_timm.data import image_size, list_images, load_image
 
 
 def test_sixteen_bit_and_float_grey_images_keep_their_brightness(tmp_path):
@@ -19,8 +19,9 @@ def test_sixteen_bit_and_float_grey_images_keep_their_brightness(tmp_path):
 def test_an_image_too_large_to_decode_is_a_named_error(tmp_path, monkeypatch):
     Image.new('RGB', (64, 64)).save(tmp_path / 'big.png')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)  # 64*64 > 2x the limit: PIL refuses to decode it
-    with pytest.raises(ValueError, match='big.png: too large to decode safely'):
-        load_image(tmp_path / 'big.png')
+    for read in (load_image, image_size):  # the pixels, or only the header (evaluate --features)
+        with pytest.raises(ValueError, match='big.png: too large to decode safely'):
+            read(tmp_path / 'big.png')
 
 
 def test_listing_one_file_a_list_or_a_folder(tmp_path):

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 
 from ..checkpoint import atomic_write, backbone_arch
-from ..data import list_images, load_image
+from ..data import image_size, list_images, load_image, unique_stems
 from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
 from .knn import knn_segmentation, query_split
@@ -161,25 +160,6 @@ def format_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
     return '\n'.join(lines)
 
 
-def _image_sizes(paths: Sequence[Path]) -> List[Tuple[int, int]]:
-    sizes = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                sizes.append(img.size)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f'{p}: not a readable image ({e})') from e
-    return sizes
-
-
-def _unique_stems(paths: Sequence[Path]) -> List[str]:
-    """The images' stems, which name their stage-1 files and cache entries; two alike would mix them up."""
-    seen: Dict[str, Path] = {}
-    for p in paths:
-        if p.stem in seen:
-            raise ValueError(f'two images share the name {p.stem!r}: {seen[p.stem]} and {p}')
-        seen[p.stem] = p
-    return list(seen)
 
 
 def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
@@ -243,7 +223,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         fs.maps = {v: fs.maps[v] for v in variants}
         if images is not None:
             by_name = dict(zip(names, images))
-            fs.image_sizes = _image_sizes([by_name[n] for n in fs.names])
+            fs.image_sizes = [image_size(by_name[n]) for n in fs.names]
     else:
         model = load_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
                             need_denoiser='denoised' in variants)
@@ -396,7 +376,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
-    names = _unique_stems(paths)
+    names = unique_stems(paths)
     if args.features is not None:
         fs = load_stage1(args.features, names=names)
     else:

@@ -17,10 +17,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from ..data import load_image
+from ..data import load_image, unique_stems
 from .decomposition import Decomposition, FieldSettings, image_seed
 from .outputs import Stage1Error, check_stage1, write_stage1
 from .pipeline import denoise_images
@@ -55,10 +54,8 @@ def _finished(path: Path, expected: Dict[str, str]) -> bool:
     """Whether an existing output is finished work of this run: False (logged, redone) for an unreadable
     file; an error for one made with other settings, which a resumed run must not mix in."""
     try:
-        check_stage1(path)
-        with safe_open(str(path), framework='pt') as f:
-            meta = f.metadata() or {}
-    except (Stage1Error, SafetensorError, OSError) as e:
+        meta = check_stage1(path).metadata
+    except Stage1Error as e:
         _logger.warning('redoing %s: %s', path, e)
         return False
     differ = sorted(k for k, v in expected.items() if meta.get(k) != v)
@@ -102,11 +99,7 @@ def denoise_folder(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stems = {}
-    for p in images:
-        if p.stem in stems:
-            raise ValueError(f'two images share the output name {p.stem!r}: {stems[p.stem]} and {p}')
-        stems[p.stem] = p
+    unique_stems(images)  # a stem names the image's output file
     if rank is None or world_size is None:
         rank, world_size = _rank_world()
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]

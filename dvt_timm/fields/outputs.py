@@ -8,7 +8,7 @@ and string metadata: `format='dvt-timm-stage1'`, `format_version`, `model` (back
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
@@ -40,6 +40,7 @@ class Stage1Item:
     embed_dim: int
     patch_size: int
     input_size: Tuple[int, int]  # (H, W) the backbone saw
+    metadata: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # the whole header's
 
 
 def write_stage1(path: PathLike, raw: torch.Tensor, denoised: torch.Tensor, metadata: Dict[str, object],
@@ -103,7 +104,8 @@ def _check(path: Path, load: bool) -> Tuple[Stage1Item, Dict[str, torch.Tensor]]
     for k, v in values.items():
         if not torch.isfinite(v).all():
             raise Stage1Error(f'{k} holds NaN or Inf values')
-    item = Stage1Item(path=path, model=meta['model'], grid=(h, w), embed_dim=C, patch_size=patch, input_size=(H, W))
+    item = Stage1Item(path=path, model=meta['model'], grid=(h, w), embed_dim=C, patch_size=patch, input_size=(H, W),
+                      metadata=meta)
     return item, values
 
 

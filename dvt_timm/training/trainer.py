@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import DenoiserConfig, atomic_write, backbone_arch, write_denoiser_checkpoint
+from ..checkpoint import CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, write_denoiser_checkpoint
 from ..denoiser import Denoiser
 from ..losses import distance
 from ..model import default_input_size
@@ -57,7 +57,6 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = 'checkpoint.pt'
 LOG_NAME = 'log.jsonl'
 ARGS_NAME = 'training_args.json'
-CARD_NAME = 'README.md'
 TRAIN_STATE_FORMAT = 'dvt-timm-train'
 TRAIN_STATE_VERSION = 1
 DEFAULT_EPOCHS = 100
@@ -446,14 +445,14 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     train_items, val_items = split_files(scan.items, cfg.val_frac, cfg.seed)
     train_ds, val_ds = Stage1Dataset(train_items), Stage1Dataset(val_items)
     per_epoch = steps_per_epoch(train_ds.grids, cfg.batch_size)
+    per_grid = Counter(train_ds.grids)
     if per_epoch == 0:
         raise ValueError(f'--batch-size {cfg.batch_size} is larger than the {len(train_ds)} training files '
-                         f'(per patch grid: {_grid_counts(train_items)}); lower it or add data')
-    unused = {grid: n for grid, n in Counter(train_ds.grids).items() if n < cfg.batch_size}
+                         f'(per patch grid: {_grid_counts(per_grid)}); lower it or add data')
+    unused = {grid: n for grid, n in per_grid.items() if n < cfg.batch_size}
     if unused and env.is_main:  # batches never mix grids, so these files can never fill one
         _logger.warning('%d training files are never used: their patch grids (%s) have fewer files than '
-                        '--batch-size %d', sum(unused.values()),
-                        ', '.join(f'{h}x{w}: {n}' for (h, w), n in sorted(unused.items())), cfg.batch_size)
+                        '--batch-size %d', sum(unused.values()), _grid_counts(unused), cfg.batch_size)
     total = cfg.steps or (cfg.epochs or DEFAULT_EPOCHS) * per_epoch
     peak = cfg.lr or default_lr(cfg.batch_size)
     settings = dict(backbone=data_backbone, total_steps=total, batch_size=cfg.batch_size, lr=peak,
@@ -614,8 +613,6 @@ def _training_size(items: Sequence[Stage1Item]) -> Optional[int]:
     return H if H == W else None
 
 
-def _grid_counts(items: Sequence[Stage1Item]) -> str:
-    counts: Dict[Tuple[int, int], int] = {}
-    for it in items:
-        counts[it.grid] = counts.get(it.grid, 0) + 1
+def _grid_counts(counts: Dict[Tuple[int, int], int]) -> str:
+    """'8x8: 21, 6x10: 9' for files per patch grid."""
     return ', '.join(f'{h}x{w}: {n}' for (h, w), n in sorted(counts.items()))
