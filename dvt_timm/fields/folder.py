@@ -97,9 +97,9 @@ def denoise_folder(
     outputs count as done when they were made with the same model, input size and settings (else the run
     stops before computing anything); unreadable ones are redone.
     """
+    unique_stems(images)  # a stem names the image's output file; checked before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unique_stems(images)  # a stem names the image's output file
     if rank is None or world_size is None:
         rank, world_size = _rank_world()
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
