@@ -342,8 +342,12 @@ def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, 
     with pytest.raises(ValueError, match='lr: checkpoint 0.002, now 0.001'):
         train(_config(stage1_dir, out, resume=True, lr=1e-3))
 
-    summary = train(_config(stage1_dir, out, resume=True))
+    # Checkpoint cadence may change on resume; the log records this invocation's arguments, while
+    # training_args.json keeps the first one's.
+    summary = train(_config(stage1_dir, out, resume=True, ckpt_every=2))
     assert summary['steps'] == 12
+    assert [(r['step'], r['args']['ckpt_every']) for r in _log(out) if r['event'] == 'resume'] == [(4, 2)]
+    assert json.loads((out / 'training_args.json').read_text())['ckpt_every'] == 4
     ours, ref = load_file(str(out / 'model.safetensors')), load_file(str(reference_run / 'model.safetensors'))
     assert all(torch.equal(ours[k], ref[k]) for k in ref), 'resumed run differs from the uninterrupted one'
     a = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['state']

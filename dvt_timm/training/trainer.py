@@ -487,7 +487,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                             len(rngs), env.world_size)
         _set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
         log.truncate_after(step)
-        log(event='resume', step=step)
+        # training_args.json stays the first invocation's; what this one changed (cadence, workers, device) is here.
+        log(event='resume', step=step, world_size=env.world_size, device=str(env.device),
+            args=json.loads(json.dumps(asdict(cfg), default=str)))
         if env.is_main:
             _logger.info('resumed %s at step %d of %d', ckpt_path, step, total)
     else:
