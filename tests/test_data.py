@@ -1,9 +1,11 @@
 """Image input: listing, and loading files of every depth as the RGB images the backbone expects."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-from dvt_timm.data import image_size, list_images, load_image
+from dvt_timm.data import image_size, image_to_tensor, list_images, load_image
 
 
 def test_sixteen_bit_and_float_grey_images_keep_their_brightness(tmp_path):
@@ -33,3 +35,18 @@ def test_listing_one_file_a_list_or_a_folder(tmp_path):
         (tmp_path / hidden).parent.mkdir(exist_ok=True)
         Image.new('RGB', (8, 8)).save(tmp_path / hidden, format='JPEG')
     assert list_images(tmp_path) == [tmp_path / 'one.jpg']
+
+
+def test_image_to_tensor_is_timms_squash_transform(sample_images):
+    """Preprocessing checked against timm's own eval transform (squash resize, bicubic, ImageNet normalisation)
+    and against hand-computed values, not against itself."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    img = load_image(sample_images[0])
+    ours = image_to_tensor(img, (112, 140), mean, std)
+    timms = create_transform(input_size=(3, 112, 140), interpolation='bicubic', crop_pct=1.0, crop_mode='squash',
+                             mean=mean, std=std)(img)
+    assert ours.shape == timms.shape == (3, 112, 140)
+    torch.testing.assert_close(ours, timms, rtol=0, atol=1e-6)
+    flat = image_to_tensor(Image.new('RGB', (30, 20), (255, 0, 128)), 14, mean, std)
+    expected = [(1 - mean[0]) / std[0], (0 - mean[1]) / std[1], (128 / 255 - mean[2]) / std[2]]
+    torch.testing.assert_close(flat[:, 7, 7], torch.tensor(expected), rtol=0, atol=1e-5)

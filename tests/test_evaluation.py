@@ -346,13 +346,16 @@ def _evaluate(argv):
     return args.func(args)
 
 
-def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys):
+def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys, monkeypatch):
     data = shared_path('data', 'voc_val_samples')
     out = tmp_path / 'voc.json'
     argv = ['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--no-pretrained', '--data', str(data),
             '--size', '112', '--limit', '6', '--protocol', 'artifacts', 'knn', 'linear', 'lost', '--knn-mode',
             'centroid', 'patch', '--boxes-from-masks', '--probe-steps', '5', '--mic-images', '2', '--out', str(out),
             '--cache', str(tmp_path / 'cache')]
+    loaded = []  # the model the command builds (its denoiser is random: --no-pretrained)
+    monkeypatch.setattr('dvt_timm.evaluation.commands.load_model',
+                        lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
     report = _evaluate(argv)
     printed = capsys.readouterr().out
     assert 'knn-centroid' in printed and 'CorLoc' in printed and 'denoised' in printed and 'change' in printed
@@ -364,6 +367,16 @@ def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys):
         assert set(per_variant) == {'raw', 'denoised'}, key
     assert 0 <= results['knn-centroid']['raw']['miou'] <= 1 and results['linear']['raw']['test_images'] == 2
     assert 0 <= results['lost']['raw']['corloc'] <= 1 and results['artifacts']['raw']['zero_input_cosine'] > 0
+    # Each column scores its own maps: the protocols called directly on the same model's features agree.
+    folder = LabeledFolder(data, limit=6)
+    fs = extract_features(loaded[0], folder.images, 112, names=folder.names, progress=False)
+    for v in ('raw', 'denoised'):
+        for mode in ('centroid', 'patch'):
+            assert results[f'knn-{mode}'][v]['miou'] == knn_segmentation(
+                fs.maps[v], folder.labels, folder.num_classes, mode=mode)['miou'], (mode, v)
+        assert results['linear'][v]['miou'] == linear_probe(fs.maps[v], folder.labels, folder.num_classes,
+                                                            steps=5)['miou'], v
+    assert results['knn-patch']['raw'] != results['knn-patch']['denoised']
     # Deterministic for a fixed seed (features come from the cache the first run wrote).
     again = _evaluate(argv)
     assert again['results'] == report['results']

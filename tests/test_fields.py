@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dvt_timm import DenoisedViT
-from dvt_timm.fields import FieldSettings, HashGridConfig, decompose, denoise_image, image_seed, sample_indices
+from dvt_timm.fields import PRESETS, FieldSettings, HashGridConfig, decompose, denoise_image, image_seed, sample_indices
 from dvt_timm.fields.outputs import read_stage1
 from dvt_timm.fields.views import View, render_views, sample_views, view_coords
 
@@ -158,6 +158,15 @@ def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_chec
         assert torch.equal(raw_a, raw_b) and torch.equal(den_a, den_b), name
     assert raw_a.shape == (8, 8, 384)
     assert item.model == 'vit_small_patch14_dinov2' and item.input_size == (112, 112) and item.patch_size == 14
+
+    # The files hold what the library API gives for that image: its raw map and its field F.
+    stem = Path(name).stem
+    model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint)
+    settings = PRESETS['fast'].with_overrides(n_views=3, iterations=150, image_size=112)
+    api = denoise_image(model, next(image_folder.glob(f'{stem}.*')), settings=settings, keys=[stem])
+    torch.testing.assert_close(raw_a, api.raw, rtol=0, atol=1e-5)
+    torch.testing.assert_close(den_a, api.denoised, rtol=1e-4, atol=1e-4)
+    assert (den_a - raw_a).norm() > 0.05 * raw_a.norm()  # F is not the raw map
 
 
 def test_denoise_images_cli_keeps_inputs_and_refuses_to_mix_settings(tmp_path, sample_images, vits_checkpoint, capsys):

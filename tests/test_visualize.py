@@ -100,13 +100,16 @@ def _visualize(argv):
 def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_path):
     out = tmp_path / 'fig.png'
     path = _visualize([str(p) for p in sample_images[:2]] + [
-        '--model', 'dvt_vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint), '--no-pretrained',
-        '--size', '112', '--panel-size', '64', '--clusters', '4', '--out', str(out)])
+        '--model', 'dvt_vit_small_patch14_dinov2.dvt_timm_photos', '--backbone-checkpoint', str(vits_checkpoint),
+        '--size', '112', '--panel-size', '64', '--clusters', '4', '--out', str(out)])  # our shipped denoiser
     assert path == out
     with Image.open(out) as img:
         assert img.format == 'PNG' and img.size == (9 * 68 + 4, 16 + 2 * 68 + 4)
         arr = np.asarray(img.convert('RGB'))
     assert arr[20:80, 72:136].std() > 10  # the PCA panel is a picture, not a blank
+    for col in (1, 5):  # PCA and norm: the denoised panel (next column) shows other features than the raw one
+        raw, den = (arr[20:84, 4 + c * 68:4 + c * 68 + 64] for c in (col, col + 1))
+        assert np.abs(raw.astype(int) - den).mean() > 10, col
     with pytest.raises(ValueError, match='ROW,COL'):
         _visualize([str(sample_images[0]), '--model', 'x', '--patch', 'middle', '--out', str(out)])
     with pytest.raises(ValueError, match='ROW,COL'):
