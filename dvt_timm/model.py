@@ -135,13 +135,13 @@ class DenoisedViT(
         self.feature_info = getattr(backbone, 'feature_info', None)
         self.grad_checkpointing = False
         # timm's data config for a directly built model: the backbone's, at DVT's input size or the one a
-        # loaded denoiser was trained at (`timm.create_model` replaces it with the registered cfg); module
-        # paths are this model's.
+        # loaded denoiser was trained at (`timm.create_model` replaces it with the registered cfg), with DVT's
+        # whole-image squash resize instead of a centre crop; module paths are this model's.
         cfg = dict(getattr(backbone, 'pretrained_cfg', None) or {})
         for key in ('first_conv', 'classifier'):
             if isinstance(cfg.get(key), str):
                 cfg[key] = f'backbone.{cfg[key]}'
-        self.pretrained_cfg = {**cfg, 'crop_pct': 1.0}
+        self.pretrained_cfg = {**cfg, 'crop_pct': 1.0, 'crop_mode': 'squash'}
         self.denoiser_input_size: Optional[int] = None  # from a loaded denoiser's config, when it records one
         self._set_input_size()
         self.denoiser: Optional[Denoiser] = Denoiser(

@@ -36,13 +36,14 @@ _BACKBONES: Dict[str, str] = {}
 
 def _cfg(backbone: str, input_size: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
     """A pretrained cfg: the backbone's normalisation and classes, the denoiser's training size (default
-    DVT's 518 or 512)."""
+    DVT's 518 or 512), and DVT's squash resize of the whole image (timm's transform then matches `data.load_image`
+    + `image_to_tensor`, what the denoisers were trained on)."""
     src = get_pretrained_cfg(backbone) or get_pretrained_cfg(backbone_arch(backbone))
     if src is None:
         raise ValueError(f'weights/manifest.json: {backbone!r} is not a timm model')
     size = input_size or default_input_size(int(backbone.split('patch')[1][:2]))
     return dict(
-        input_size=(3, size, size), interpolation='bicubic', crop_pct=1.0, crop_mode='center',
+        input_size=(3, size, size), interpolation='bicubic', crop_pct=1.0, crop_mode='squash',
         mean=src.mean, std=src.std, num_classes=0 if backbone.startswith('eva02') else src.num_classes,
         first_conv='backbone.patch_embed.proj', classifier='backbone.head', license=src.license,
         paper_ids='arXiv:2401.02957', **kwargs)

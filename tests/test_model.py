@@ -164,6 +164,7 @@ def test_direct_model_has_a_timm_data_config():
     model = DenoisedViT('vit_base_patch16_224.dino')
     cfg = timm.data.resolve_model_data_config(model)
     assert cfg['input_size'] == (3, 512, 512) and cfg['mean'] == (0.485, 0.456, 0.406)
+    assert (cfg['crop_pct'], cfg['crop_mode']) == (1.0, 'squash')  # the whole image, as DVT feeds it
     assert model.get_submodule(model.pretrained_cfg['first_conv']) is model.backbone.patch_embed.proj
     fixed = DenoisedViT('vit_small_patch16_224', dynamic_img_size=False)  # takes 224 px only
     assert timm.data.resolve_model_data_config(fixed)['input_size'] == (3, 224, 224)

@@ -52,7 +52,7 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
 
     from safetensors.torch import load_file
 
-    from dvt_timm.data import load_batch
+    from dvt_timm.data import load_batch, load_image
     from dvt_timm.evaluation import variance_share, zero_input_cosine, zero_input_map
 
     name = 'dvt_vit_small_patch14_dinov2.dvt_timm_photos'
@@ -66,6 +66,10 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
     # Its data config is the size it was trained at (448 px, from its config.json), not DVT's 518.
     data_cfg = timm.data.resolve_model_data_config(model)
     assert data_cfg['input_size'] == timm.get_pretrained_cfg(name).input_size == (3, 448, 448)
+    # timm's transform from that config feeds it as DVT and our tools do: the whole image squashed, not cropped.
+    transform = timm.data.create_transform(**data_cfg)
+    torch.testing.assert_close(torch.stack([transform(load_image(p)) for p in sample_images]),
+                               load_batch(sample_images, 448, data_cfg['mean'], data_cfg['std']), rtol=0, atol=1e-6)
     with torch.inference_mode():
         raw, denoised = model.raw_and_denoised(load_batch(sample_images, 448, data_cfg['mean'], data_cfg['std']))
         reference = zero_input_map(model, 448)
