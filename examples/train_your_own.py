@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument('--image-size', type=int, default=None, help='stage-1 input side (preset default)')
     parser.add_argument('--epochs', type=int, default=100, help='stage-2 epochs')
     parser.add_argument('--batch-size', type=int, default=4,
-                        help='stage-2 global batch, at most the training files (the 5 bundled photos: 4 train, 1 held out)')
+                        help='stage-2 global batch, at most the training files '
+                             '(the 5 bundled photos: 4 train, 1 held out)')
     parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='publish the denoiser there')
     args = parser.parse_args()
 
