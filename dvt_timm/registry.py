@@ -133,7 +133,14 @@ def _pretrained_denoiser(cfg: PretrainedCfg, cache_dir: Optional[str]) -> Path:
     if cfg.file:
         return Path(cfg.file)
     if cfg.hf_hub_id:
-        return fetch_denoiser(cfg.hf_hub_id, cfg.hf_hub_filename or None, cache_dir=cache_dir)
+        try:
+            return fetch_denoiser(cfg.hf_hub_id, cfg.hf_hub_filename or None, cache_dir=cache_dir)
+        except OSError as e:  # offline and not cached, no such repo or file, HTTP errors
+            where = cfg.hf_hub_id + (f'/{cfg.hf_hub_filename}' if cfg.hf_hub_filename else '')
+            shipped = ', '.join(n for n in _BACKBONES if get_pretrained_cfg(n).file)
+            raise OSError(f'{cfg.architecture}.{cfg.tag}: its denoiser could not be fetched from the Hugging Face '
+                          f'Hub ({where}: {type(e).__name__}: {e}). Without network, pass denoiser_checkpoint= '
+                          f'(--denoiser-checkpoint) or use a denoiser installed with dvt-timm: {shipped}') from e
     raise RuntimeError(f'{cfg.architecture}.{cfg.tag} has no pretrained denoiser')
 
 

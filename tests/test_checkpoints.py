@@ -68,15 +68,18 @@ def test_hub_path_offline_from_cache(tmp_path, vits_checkpoint, authors_file):
         assert torch.equal(m2.denoiser.block.attn.qkv.weight, sd['denoiser.attn.qkv.weight'])
         try:
             timm.create_model('dvt_vit_base_patch14_dinov2', pretrained=True)
-        except Exception as e:
-            print('MISSING', type(e).__name__)
+        except OSError as e:
+            print('MISSING', e)
         print('OK')
     ''')
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'hf_home'))
     proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'OK' in proc.stdout
-    assert 'MISSING' in proc.stdout  # a file absent from the cache fails offline instead of reaching the network
+    # A file absent from the cache fails offline instead of reaching the network, naming what and the way out.
+    assert 'MISSING dvt_vit_base_patch14_dinov2.lvd142m_voc: its denoiser could not be fetched' in proc.stdout
+    assert 'voc_denoised/vit_base_patch14_dinov2.lvd142m.pth: LocalEntryNotFoundError' in proc.stdout
+    assert 'denoiser_checkpoint=' in proc.stdout and 'dvt_vit_small_patch14_dinov2.dvt_timm_photos' in proc.stdout
 
 
 def test_mismatched_embed_dim_names_both_values(tmp_path):
