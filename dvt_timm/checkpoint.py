@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
-    'write_denoiser_checkpoint', 'backbone_arch', 'atomic_write',
+    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'atomic_write',
 ]
 
 FORMAT_VERSION = 1
@@ -69,6 +69,15 @@ class DenoiserConfig:
 def backbone_arch(name: str) -> str:
     """The architecture part of a timm model id: 'vit_small_patch14_dinov2.lvd142m' -> 'vit_small_patch14_dinov2'."""
     return name.split('.', 1)[0]
+
+
+def with_default_tag(name: str) -> str:
+    """A timm model id with timm's default pretrained tag filled in when it has none:
+    'vit_small_patch14_dinov2' -> 'vit_small_patch14_dinov2.lvd142m' (the same weights under both names)."""
+    if '.' in name:
+        return name
+    cfg = timm.models.get_pretrained_cfg(name)
+    return f'{name}.{cfg.tag}' if cfg is not None and cfg.tag else name
 
 
 def atomic_write(path: PathLike, write_fn) -> None:

@@ -192,6 +192,8 @@ def test_denoise_images_cli_keeps_inputs_and_refuses_to_mix_settings(tmp_path, s
     assert sorted(p.name for p in (folder / 'visuals').iterdir()) == sorted(f'{Path(n).stem}.png' for n in inputs)
     code, printed = run('--image-size', '56', '--save-visuals')
     assert code == 0 and '0 done, 2 skipped (already done), 0 failed' in printed.out
+    code, printed = run('--image-size', '56', '--model', 'dvt_vit_small_patch14_dinov2')  # the same backbone
+    assert code == 0 and '0 done, 2 skipped (already done), 0 failed' in printed.out
     stem = Path(sorted(inputs)[0]).stem
     (folder / f'{stem}.safetensors').write_bytes(b'garbage')
     code, printed = run('--image-size', '56')

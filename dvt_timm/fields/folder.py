@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..checkpoint import with_default_tag
 from ..data import load_image, unique_stems
 from .decomposition import Decomposition, FieldSettings, image_seed
 from .outputs import Stage1Error, check_stage1, write_stage1
@@ -50,6 +51,12 @@ def visuals_dir(out_dir: Path) -> Path:
     return out_dir / 'visuals'
 
 
+def _comparable(key: str, value: Optional[str]) -> Optional[str]:
+    # `--model dvt_vit_small_patch14_dinov2` records vit_small_patch14_dinov2.lvd142m; a re-run naming the
+    # backbone itself, without its default tag, is the same model.
+    return with_default_tag(value) if key == 'model' and value else value
+
+
 def _finished(path: Path, expected: Dict[str, str]) -> bool:
     """Whether an existing output is finished work of this run: False (logged, redone) for an unreadable
     file; an error for one made with other settings, which a resumed run must not mix in."""
@@ -58,7 +65,7 @@ def _finished(path: Path, expected: Dict[str, str]) -> bool:
     except Stage1Error as e:
         _logger.warning('redoing %s: %s', path, e)
         return False
-    differ = sorted(k for k, v in expected.items() if meta.get(k) != v)
+    differ = sorted(k for k, v in expected.items() if _comparable(k, meta.get(k)) != _comparable(k, v))
     if differ:
         raise ValueError(f'{path} was made with another {" and ".join(differ)} than this run; use another output '
                          'folder, or delete the file to redo it')
