@@ -34,7 +34,6 @@ setup(
     },
     entry_points={'console_scripts': ['dvt-timm=dvt_timm.cli:main']},
     classifiers=[
-        'License :: OSI Approved :: Apache Software License',
         'Programming Language :: Python :: 3',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
