@@ -98,6 +98,17 @@ def atomic_write(path: PathLike, write_fn) -> None:
         raise
 
 
+def _short_cause(e: Exception) -> str:
+    """One line of a loading error. torch's weights_only refusal is a page that suggests weights_only=False,
+    which we never do: keep its actual reason (the line after 'WeightsUnpickler error:')."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if 'WeightsUnpickler error:' in line:
+            reason = line.split('WeightsUnpickler error:', 1)[1].strip()
+            return (reason or (lines[i + 1] if i + 1 < len(lines) else ''))[:200]
+    return lines[0][:200] if lines else ''
+
+
 def load_state_dict_file(path: PathLike) -> Dict[str, object]:
     """Load a `.safetensors` file, or a `.pth`/`.pt` file with `torch.load(weights_only=True)`.
 
@@ -113,10 +124,10 @@ def load_state_dict_file(path: PathLike) -> Dict[str, object]:
         if path.suffix == '.safetensors':
             return load_file(str(path), device='cpu')
         return torch.load(str(path), map_location='cpu', weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f'{path}: corrupt, truncated or unsafe checkpoint ({type(e).__name__}: {e})') from e
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise CheckpointError(f'{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})') from e
+    except Exception as e:  # SafetensorError, UnpicklingError, EOFError, a KeyError on bytes that are no pickle, ...
+        cause = _short_cause(e)
+        raise CheckpointError(f'{path}: not a checkpoint that can be read safely: truncated or corrupt, another kind of '
+                              f'file, or a pickle holding objects other than tensors ({type(e).__name__}: {cause})') from e
 
 
 def _from_authors(obj: Dict[str, object], path: Path) -> Dict[str, torch.Tensor]:

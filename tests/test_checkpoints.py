@@ -1,4 +1,5 @@
 """Checkpoint formats, the Hub path (offline, real huggingface_hub cache), errors and `dvt-timm convert`."""
+import datetime
 import json
 import os
 import subprocess
@@ -113,6 +114,15 @@ def test_corrupt_or_truncated_file_names_the_file(tmp_path, authors_file, kind):
     source = authors_file[0] if kind == 'pth' else ours
     with pytest.raises(CheckpointError, match=str(target.name)):
         DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=source)
+    if kind == 'pth':  # bytes that are no pickle at all: said in words, not as a bare KeyError number
+        target.write_bytes(b'hello world, not a checkpoint')
+        with pytest.raises(CheckpointError, match='not a checkpoint that can be read safely') as err:
+            DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=source)
+        assert 'weights_only=False' not in str(err.value)
+        torch.save({'denoiser': {}, 'when': datetime.date(2024, 1, 1)}, target)  # an object: never unpickled
+        with pytest.raises(CheckpointError, match='Unsupported global: GLOBAL datetime.date') as err:
+            DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=source)
+        assert 'weights_only=False' not in str(err.value)
 
 
 def test_config_with_a_bad_input_size_is_refused(tmp_path, authors_file):
