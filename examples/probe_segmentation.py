@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument('--probe-steps', type=int, default=500)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
+    if not Path(args.data).is_dir():
+        parser.error(f'no data folder at {args.data}: pass --data, or set DVT_SHARED to the shared data folder')
 
     backbone = args.backbone_checkpoint
     if backbone is None and shared('weights', 'dinov2_vits14.safetensors').is_file():

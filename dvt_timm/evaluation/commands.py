@@ -390,5 +390,5 @@ def run_visualize(args: argparse.Namespace) -> Path:
                          clusters=args.clusters, patch=patch, panel_size=args.panel_size, seed=args.seed,
                          names=fs.names)
     atomic_write(out, lambda tmp: fig.save(tmp, format='PNG'))
-    print(f'wrote {out} ({len(images)} rows, {fig.size[0]}x{fig.size[1]} px)')
+    print(f'wrote {out} ({len(images)} row{"s" if len(images) != 1 else ""}, {fig.size[0]}x{fig.size[1]} px)')
     return out
