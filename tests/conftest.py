@@ -13,16 +13,20 @@ from safetensors.torch import load_file
 SAMPLES = ('chelsea.png', 'astronaut.png', 'coffee.png', 'rocket.jpg', 'grace_hopper.jpg')
 
 
+def skip_or_fail_under_ci(reason: str) -> None:
+    """Skip a test whose requirement is missing; under CI, where everything it needs is installed, fail."""
+    if os.environ.get('CI'):
+        pytest.fail(reason + ' -- required under CI')
+    pytest.skip(reason)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under $DVT_SHARED; skips (or fails, under CI) when it is not there."""
     root = os.environ.get('DVT_SHARED')
     path = Path(root, *parts) if root else None
     if path is None or not path.exists():
-        reason = (f'real data {"/".join(parts)} not found: set DVT_SHARED to the shared data folder '
-                  f'(DVT_SHARED={root!r})')
-        if os.environ.get('CI'):
-            pytest.fail(reason + ' -- required under CI')
-        pytest.skip(reason)
+        skip_or_fail_under_ci(f'real data {"/".join(parts)} not found: set DVT_SHARED to the shared data folder '
+                              f'(DVT_SHARED={root!r})')
     return path
 
 

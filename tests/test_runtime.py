@@ -41,7 +41,8 @@ def test_bf16_autocast(vits_checkpoint, photos):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             out = model.feature_map(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert F.cosine_similarity(out.float().flatten(1), ref.flatten(1)).min() > 0.99
+    assert (out.float() - ref).abs().max() > 1e-3  # the matmuls did run in bf16 ...
+    assert F.cosine_similarity(out.float().flatten(1), ref.flatten(1)).min() > 0.99  # ... and agree with fp32
 
 
 def test_backbone_frozen_denoiser_trainable(vits_checkpoint, photos):
