@@ -15,7 +15,6 @@ from typing import Dict, Optional, Tuple, Union
 
 import timm
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [

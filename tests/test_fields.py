@@ -1,6 +1,5 @@
 """Stage 1: views and coordinates, ground-truth recovery, the API on real photos, the folder CLI."""
 import math
-import os
 import signal
 import subprocess
 import sys

@@ -10,7 +10,7 @@ a result depends on the image and the seed only.
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
