@@ -160,8 +160,6 @@ def format_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
     return '\n'.join(lines)
 
 
-
-
 def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     """The `evaluate` command; returns what it writes to `--out`."""
     protocols = list(dict.fromkeys(args.protocol))

@@ -258,7 +258,7 @@ class _JsonLog:
         if self.enabled:  # NaN / Inf as null: json.dumps would write NaN, which is not JSON
             record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+                f.write(json.dumps(record, default=str) + '\n')  # default: a Path or torch.device as text
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step`: a resumed run redoes them and logs them again."""
@@ -489,7 +489,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         log.truncate_after(step)
         # training_args.json stays the first invocation's; what this one changed (cadence, workers, device) is here.
         log(event='resume', step=step, world_size=env.world_size, device=str(env.device),
-            args=json.loads(json.dumps(asdict(cfg), default=str)))
+            args=asdict(cfg))
         if env.is_main:
             _logger.info('resumed %s at step %d of %d', ckpt_path, step, total)
     else:
