@@ -6,7 +6,8 @@ each program handling BLOCK consecutive (field, sample) rows at one level. Keepi
 of neighbouring samples, so coarse levels stay in L2. Each thread owns one row: its corner indices and
 weights are computed once, then the F features move as 16-byte vectors (chunks of 4 fp32), which keeps
 the per-row index vectors and the [BLOCK, 4] feature tiles in the same register layout (no shared-memory
-layout conversions; checked in the sm_90 PTX: v4 loads/stores and `atom.add.v4.f32`, no barriers).
+layout conversions; `tests/test_encoding.py` compiles them for sm_90 and checks the PTX for v4 loads and
+`atom.add.v4.f32` and no barriers).
 Index math is uint32 with wraparound, exactly like tcnn.
 
 Import this module only where triton is installed (`encoding.has_triton()` guards it). For CPU testing
@@ -137,13 +138,17 @@ _BLOCK = 128  # rows per program: one (field, sample) row per thread at 4 warps
 _NUM_WARPS = 4
 
 
+def _constants(n_levels: int, n_feat: int) -> dict:
+    """The kernels' compile-time arguments for a grid of `n_levels` levels of `n_feat` features."""
+    return dict(OUT_DIM=n_levels * n_feat, F=n_feat, FV=min(n_feat, 4), BLOCK=_BLOCK)
+
+
 def _launch(kernel, n_rows: int, n_levels: int, n_feat: int, device: torch.device, *args) -> None:
     grid = (triton.cdiv(n_rows, _BLOCK), n_levels)
     # Triton launches on the current CUDA device and its stream, not on the tensors' device: under torchrun
     # rank r's tensors live on cuda:r while the current device may still be cuda:0.
     with torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext():
-        kernel[grid](*args, OUT_DIM=n_levels * n_feat, F=n_feat, FV=min(n_feat, 4), BLOCK=_BLOCK,
-                     num_warps=_NUM_WARPS)
+        kernel[grid](*args, **_constants(n_levels, n_feat), num_warps=_NUM_WARPS)
 
 
 class _HashGridFunction(torch.autograd.Function):
