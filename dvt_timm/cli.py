@@ -4,7 +4,23 @@ import logging
 import sys
 from typing import List, Optional
 
-__all__ = ['main']
+__all__ = ['main', 'positive_int', 'positive_float']
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'must be a number above 0, got {text}')
+    return value
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..cli import positive_int
 from ..data import list_images
 from .decomposition import PRESETS
 from .folder import denoise_folder, visuals_dir
@@ -15,13 +16,6 @@ from .pipeline import resolve_settings
 __all__ = ['add_denoise_images_parser']
 
 _logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
 
 
 def _device(requested: Optional[str]) -> Optional[torch.device]:
@@ -94,7 +88,7 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast for feature extraction (default: preset / on for CUDA)')
     r = p.add_argument_group('run')
-    r.add_argument('--batch-images', type=_positive_int, default=4, help='images optimised together (default: 4)')
+    r.add_argument('--batch-images', type=positive_int, default=4, help='images optimised together (default: 4)')
     r.add_argument('--dtype', choices=('fp16', 'fp32'), default='fp16', help='stored feature precision (default: fp16)')
     r.add_argument('--device', help='default: cuda:LOCAL_RANK when available, else cpu')
     r.add_argument('--backend', choices=('auto', 'torch', 'triton', 'tcnn'), default='auto',
