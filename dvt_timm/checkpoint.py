@@ -46,11 +46,19 @@ class DenoiserConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = 'config') -> 'DenoiserConfig':
+        if not isinstance(data, dict):
+            raise CheckpointError(f'{source}: expected a JSON object, got a {type(data).__name__}')
         names = {f.name for f in fields(cls)}
         missing = {'backbone', 'embed_dim', 'num_heads', 'grid_size', 'patch_size'} - set(data)
         if missing:
             raise CheckpointError(f'{source}: missing keys {sorted(missing)}')
-        if int(data.get('format_version', FORMAT_VERSION)) > FORMAT_VERSION:
+        if not isinstance(data['backbone'], str):
+            raise CheckpointError(f'{source}: backbone must be a timm model name, got {data["backbone"]!r}')
+        for key in ('embed_dim', 'num_heads', 'grid_size', 'patch_size', 'format_version'):
+            value = data.get(key, FORMAT_VERSION)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise CheckpointError(f'{source}: {key} must be a positive integer, got {value!r}')
+        if data.get('format_version', FORMAT_VERSION) > FORMAT_VERSION:
             raise CheckpointError(
                 f'{source}: format_version {data["format_version"]} is newer than this dvt-timm '
                 f'supports ({FORMAT_VERSION}); upgrade dvt-timm')
@@ -98,13 +106,12 @@ def atomic_write(path: PathLike, write_fn) -> None:
 
 
 def _short_cause(e: Exception) -> str:
-    """One line of a loading error. torch's weights_only refusal is a page that suggests weights_only=False,
-    which we never do: keep its actual reason (the line after 'WeightsUnpickler error:')."""
+    """One line of a loading error. torch's weights_only refusal is a page that suggests weights_only=False
+    or allowlisting, which we never do: keep only its reason (the global it refused)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if 'WeightsUnpickler error:' in line:
-            reason = line.split('WeightsUnpickler error:', 1)[1].strip()
-            return (reason or (lines[i + 1] if i + 1 < len(lines) else ''))[:200]
+    if lines and lines[0].startswith('Weights only load failed'):
+        reason = next((line for line in lines if 'GLOBAL' in line), lines[-1])
+        return reason.split('WeightsUnpickler error:', 1)[-1].split(' Please use', 1)[0].strip()[:200]
     return lines[0][:200] if lines else ''
 
 
@@ -122,11 +129,14 @@ def load_state_dict_file(path: PathLike) -> Dict[str, object]:
     try:
         if path.suffix == '.safetensors':
             return load_file(str(path), device='cpu')
-        return torch.load(str(path), map_location='cpu', weights_only=True)
+        obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # SafetensorError, UnpicklingError, EOFError, a KeyError on bytes that are no pickle, ...
         cause = _short_cause(e)
         raise CheckpointError(f'{path}: not a checkpoint that can be read safely: truncated or corrupt, another kind of '
                               f'file, or a pickle holding objects other than tensors ({type(e).__name__}: {cause})') from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path}: holds a {type(obj).__name__}, not a state dict (names mapped to tensors)')
+    return obj
 
 
 def _from_authors(obj: Dict[str, object], path: Path) -> Dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 __all__ = ['main', 'positive_int', 'positive_float']
@@ -24,8 +25,13 @@ def positive_float(text: str) -> float:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
     from .model import DenoisedViT
     from .registry import resolve_backbone
+    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (Path(args.out_dir) / name).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f'{args.out_dir} already holds a denoiser ({", ".join(existing)}); '
+                              'give another folder, or --overwrite to replace it')
     model = DenoisedViT(resolve_backbone(args.model), denoiser_checkpoint=args.src)
     model.save_pretrained(args.out_dir)
     print(f'wrote {args.out_dir} (denoiser for {model.backbone_name})')
@@ -40,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('src', help="authors' denoiser file, e.g. vit_base_patch14_dinov2.lvd142m.pth")
     p.add_argument('out_dir', help='output directory')
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name the denoiser belongs to')
+    p.add_argument('--overwrite', action='store_true', help='replace a denoiser already in out_dir')
     p.set_defaults(func=_convert)
 
     from .evaluation.commands import add_evaluate_parser, add_visualize_parser

@@ -28,7 +28,12 @@ def list_images(source: PathLike) -> List[Path]:
     if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
         return [source]
     if source.is_file():
-        lines = (line.strip() for line in source.read_text().splitlines())
+        try:
+            text = source.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f'{source}: neither an image file ({", ".join(IMAGE_EXTENSIONS)}) nor a text file '
+                             'listing image paths') from None
+        lines = (line.strip() for line in text.splitlines())
         paths = [source.parent / line for line in lines if line and not line.startswith('#')]
         unique = list(dict.fromkeys(paths))
         if len(unique) < len(paths):

@@ -123,6 +123,9 @@ class DenoisedViT(
             self.backbone_name = f'{arch}.{tag}' if arch and tag else (arch or '')
         else:
             raise TypeError(f'backbone must be a timm model name or nn.Module, got {type(backbone).__name__}')
+        if isinstance(backbone, DenoisedViT):
+            raise ValueError(f'{self.backbone_name or "this model"} already has a denoiser: build it with '
+                             'timm.create_model, or give DenoisedViT the plain backbone (e.g. vit_small_patch14_dinov2)')
         self._check_backbone(backbone)
         self.backbone = backbone
 
@@ -210,6 +213,9 @@ class DenoisedViT(
             if isinstance(sd.get(key), dict):
                 sd = sd[key]
         sd = _strip_prefix(_strip_prefix(sd, 'module.'), 'model.')
+        if 'denoiser' in sd or sd and all(k == 'pos_embed' or k.startswith(('block.', 'denoiser.')) for k in sd):
+            raise CheckpointError(f'{path}: is a denoiser checkpoint, not backbone weights; pass it as '
+                                  'denoiser_checkpoint (CLI: --denoiser-checkpoint)')
         # timm's own filter converts original (e.g. Meta DINOv2) layouts and resizes position embeddings.
         filter_fn = getattr(sys.modules[type(self.backbone).__module__], 'checkpoint_filter_fn', None)
         name = self.backbone_name or type(self.backbone).__name__
@@ -320,6 +326,9 @@ class DenoisedViT(
             source = fetch_denoiser(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
                                     local_files_only=local_files_only, token=token)
         _, cfg = read_denoiser_checkpoint(source)
+        if not cfg.backbone:
+            raise CheckpointError(f'{source}: no {CONFIG_NAME} naming the backbone; load these weights with '
+                                  "DenoisedViT('<backbone>', denoiser_checkpoint=...) instead")
         for name in DenoiserConfig.__dataclass_fields__:  # ModelHubMixin injects config.json entries
             model_kwargs.pop(name, None)
         return cls(cfg.backbone, pretrained=backbone_checkpoint is None, backbone_checkpoint=backbone_checkpoint,
@@ -332,6 +341,10 @@ class DenoisedViT(
             raise ValueError(f'expected images of shape (B, C, H, W), got {tuple(x.shape)}')
         if x.shape[1] != self.in_chans:
             raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})')
+        dtype = self.backbone.patch_embed.proj.weight.dtype
+        if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f'expected {dtype} images normalised with the data config\'s mean and std, got {x.dtype}; '
+                             'convert them (timm.data.create_transform does), or run under torch.autocast')
         H, W = x.shape[-2:]
         patch_embed = self.backbone.patch_embed
         if not getattr(self.backbone, 'dynamic_img_size', False):

@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,24 @@ def test_backbone_checkpoint_errors(tmp_path, vits_checkpoint):
         DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=tmp_path / 'missing.safetensors')
 
 
+def test_a_file_that_is_not_backbone_weights_says_what_it_is(tmp_path, authors_file):
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    with pytest.raises(CheckpointError, match='tensor.pth: holds a Tensor, not a state dict'):
+        DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=tmp_path / 'tensor.pth')
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    for denoiser_file in (ours / 'model.safetensors', authors_file[0]):
+        with pytest.raises(CheckpointError, match='is a denoiser checkpoint, not backbone weights; pass it as '
+                                                  'denoiser_checkpoint'):
+            DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=denoiser_file)
+
+
+def test_a_dvt_model_name_is_not_a_backbone():
+    with pytest.raises(ValueError, match='dvt_vit_small_patch14_dinov2 already has a denoiser: build it with '
+                                         'timm.create_model'):
+        DenoisedViT('dvt_vit_small_patch14_dinov2')
+
+
 def test_backbone_checkpoint_with_a_new_head_or_input_channels(vits_checkpoint):
     """As timm loads pretrained weights: a fresh head for another `num_classes` or `global_pool='map'`, the first
     conv's RGB filters summed for one input channel, and every other weight from the file."""
@@ -173,6 +192,31 @@ def test_corrupt_config_through_from_pretrained_names_the_file(tmp_path, authors
     (ours / 'config.json').write_text('{"backbone": ')
     with pytest.raises(CheckpointError, match='ours: corrupt config.json'):
         DenoisedViT.from_pretrained(ours)
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda c: [c], 'expected a JSON object, got a list'),
+    (lambda c: {**c, 'backbone': None}, 'backbone must be a timm model name, got None'),
+    (lambda c: {**c, 'embed_dim': '384'}, "embed_dim must be a positive integer, got '384'"),
+    (lambda c: {**c, 'format_version': 'v2'}, "format_version must be a positive integer, got 'v2'"),
+])
+def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, authors_file, change, message):
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    config = json.loads((ours / 'config.json').read_text())
+    (ours / 'config.json').write_text(json.dumps(change(config)))
+    with pytest.raises(CheckpointError, match=f'config.json: {re.escape(message)}'):
+        DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=ours)
+
+
+def test_from_pretrained_of_a_folder_without_config_says_so(tmp_path, authors_file, vits_checkpoint):
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    (ours / 'config.json').unlink()
+    with pytest.raises(CheckpointError, match="ours: no config.json naming the backbone; load these weights with "
+                                              "DenoisedViT\\('<backbone>', denoiser_checkpoint=...\\)"):
+        DenoisedViT.from_pretrained(ours, backbone_checkpoint=vits_checkpoint)
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=ours)  # which loads them
 
 
 def test_from_pretrained_of_a_mistyped_folder_says_so(tmp_path):
@@ -208,10 +252,23 @@ def test_upload_denoiser_sends_the_model_not_the_training_state(tmp_path, author
 
 
 def test_pickled_objects_are_refused(tmp_path):
-    path = tmp_path / 'evil.pth'
+    path = tmp_path / 'opaque.pth'
     torch.save({'denoiser': {'pos_embed': torch.zeros(1, 4, 8)}, 'args': _Opaque()}, path)
-    with pytest.raises(CheckpointError, match='evil.pth'):
+    with pytest.raises(CheckpointError, match='opaque.pth'):
         read_denoiser_checkpoint(path)
+    # A pickle that would run a command when unpickled: never run, and the message keeps torch's reason.
+    torch.save({'denoiser': {}, 'payload': _RunsACommand(str(tmp_path / 'ran'))}, path)
+    with pytest.raises(CheckpointError, match='GLOBAL posix.system') as err:
+        read_denoiser_checkpoint(path)
+    assert 'weights_only' not in str(err.value) and not (tmp_path / 'ran').exists()
+
+
+class _RunsACommand:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
 
 
 class _Opaque:  # an arbitrary class: weights_only loading must refuse to unpickle it
@@ -234,6 +291,13 @@ def test_cli_convert(tmp_path, authors_file, capsys):
     assert cli_main(['convert', str(authors_file[0]), str(tmp_path / 'bad'), '--model', 'vit_base_patch14_dinov2']) == 1
     assert 'embed_dim is 384 but backbone vit_base_patch14_dinov2 needs 768' in capsys.readouterr().err
     assert not (tmp_path / 'bad').exists()
+    # A folder that already holds a denoiser (a training run, say) is not overwritten unless asked.
+    before = (out / 'model.safetensors').read_bytes()
+    assert cli_main(['convert', str(authors_file[0]), str(out), '--model', 'vit_small_patch14_dinov2']) == 1
+    assert 'already holds a denoiser (config.json, model.safetensors)' in capsys.readouterr().err
+    assert (out / 'model.safetensors').read_bytes() == before
+    assert cli_main(['convert', str(authors_file[0]), str(out), '--model', 'vit_small_patch14_dinov2',
+                     '--overwrite']) == 0
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path, authors_file):

@@ -35,6 +35,9 @@ def test_listing_one_file_a_list_or_a_folder(tmp_path):
         (tmp_path / hidden).parent.mkdir(exist_ok=True)
         Image.new('RGB', (8, 8)).save(tmp_path / hidden, format='JPEG')
     assert list_images(tmp_path) == [tmp_path / 'one.jpg']
+    Image.new('RGB', (8, 8)).save(tmp_path / 'anim.gif')  # a format we do not list: not read as a list of paths
+    with pytest.raises(ValueError, match=r'anim.gif: neither an image file \(.jpg, .*\) nor a text file listing'):
+        list_images(tmp_path / 'anim.gif')
 
 
 def test_image_to_tensor_is_timms_squash_transform(sample_images):

@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,17 @@ def test_labeled_folder_pairs_skips_bad_files_and_maps_classes(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):  # a value the files never hold: probably a mistyped flag
         assert LabeledFolder(root, labels_format='index', ignore_index=300).num_classes == 4
     assert 'no label file holds the ignore index 300' in caplog.text
+
+
+def test_labeled_folder_skips_a_label_of_another_aspect_ratio(tmp_path, caplog):
+    root = _labeled_folder(tmp_path / 'data', n=3)  # 40x30 images and masks
+    Image.fromarray(np.full((10, 40), 3, np.uint8)).save(root / 'masks' / 'im1.png')  # cropped: stretched if scored
+    Image.fromarray(np.full((15, 20), 3, np.uint8)).save(root / 'masks' / 'im2.png')  # half size, same aspect
+    with caplog.at_level(logging.WARNING):
+        lf = LabeledFolder(root, labels_format='index', ignore_index=9)
+    assert [p.name for p in lf.images] == ['im0.jpg', 'im2.jpg'] and lf.labels[1].shape == (15, 20)
+    assert 'im1.png: label is 40x10 but its image im1.jpg is 40x30' in caplog.text
+    assert 'aspect ratio' in lf.skipped[str(root / 'masks' / 'im1.png')]
 
 
 def test_pairing_layouts(tmp_path, caplog):
@@ -285,14 +297,24 @@ def test_load_stage1_folder(tmp_path, caplog):
     assert 'patch_size 0 must be positive' in caplog.text
     assert torch.equal(fs.maps['raw'][0], maps['c'][0])
     assert torch.equal(fs.maps['denoised'][1], maps['a'][1])
+    # A stray file of another input size or backbone is skipped, naming it and the difference: the set is the
+    # kind of most files (the first file's on a tie), even when the stray comes first.
     _write_stage1(tmp_path / 's2', 'x', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4))
     _write_stage1(tmp_path / 's2', 'y', torch.zeros(8, 5, 5), torch.zeros(8, 5, 5))
-    with pytest.raises(ValueError, match='one input size'):
-        load_stage1(tmp_path / 's2')
-    _write_stage1(tmp_path / 's3', 'x', torch.zeros(8, 4, 4), torch.zeros(8, 4, 4))
-    _write_stage1(tmp_path / 's3', 'y', torch.zeros(16, 4, 4), torch.zeros(16, 4, 4), model='vit_base_patch14_dinov2')
-    with pytest.raises(ValueError, match=r"y.safetensors: features of vit_base_patch14_dinov2 \(16 channels\) differ"):
-        load_stage1(tmp_path / 's3')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert load_stage1(tmp_path / 's2').names == ['x']
+    assert 'y.safetensors: features of vit_small_patch14_dinov2.lvd142m (8 channels, 112x112 input, 5x5 grid) ' \
+           'differ from those of most files, vit_small_patch14_dinov2.lvd142m (8 channels, 112x112 input, 4x4 grid)' \
+           in caplog.text
+    for n in ('x', 'y'):
+        _write_stage1(tmp_path / 's3', n, torch.zeros(8, 4, 4), torch.zeros(8, 4, 4))
+    _write_stage1(tmp_path / 's3', 'a', torch.zeros(16, 4, 4), torch.zeros(16, 4, 4), model='vit_base_patch14_dinov2')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fs = load_stage1(tmp_path / 's3')
+    assert fs.names == ['x', 'y'] and fs.model == 'vit_small_patch14_dinov2.lvd142m'
+    assert 'a.safetensors: features of vit_base_patch14_dinov2 (16 channels' in caplog.text
     with pytest.raises(ValueError, match='no readable'):
         load_stage1(tmp_path / 's1', names=['missing'])
 
@@ -336,6 +358,22 @@ def test_extract_features_skips_unreadable_images(vits, sample_images, tmp_path,
     with caplog.at_level(logging.WARNING):
         fs = extract_features(vits, [bad, sample_images[0]], 56, variants=('raw',), progress=False)
     assert fs.names == [Path(sample_images[0]).stem] and 'broken.png' in caplog.text
+    with pytest.raises(TypeError, match=r'must be a list of image paths, got the single path .*; pass \['):
+        extract_features(vits, str(sample_images[0]), 56, variants=('raw',), progress=False)  # not its characters
+
+
+def test_extract_features_recomputes_a_corrupt_cache_file(vits, sample_images, tmp_path, caplog):
+    fs = extract_features(vits, sample_images[:1], 56, variants=('raw',), cache_dir=tmp_path, progress=False)
+    cached, = tmp_path.glob('*/*.safetensors')
+    cached.write_bytes(cached.read_bytes()[:len(cached.read_bytes()) // 2])  # an interrupted copy
+    with caplog.at_level(logging.WARNING):
+        again = extract_features(vits, sample_images[:1], 56, variants=('raw',), cache_dir=tmp_path, progress=False)
+    assert 'recomputing' in caplog.text and 'not a readable safetensors file' in caplog.text
+    assert torch.allclose(again.maps['raw'], fs.maps['raw'], atol=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # rewritten
+        extract_features(vits, sample_images[:1], 56, variants=('raw',), cache_dir=tmp_path, progress=False)
+    assert 'recomputing' not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -344,6 +382,22 @@ def _evaluate(argv):
     add_evaluate_parser(parser.add_subparsers(dest='command'))
     args = parser.parse_args(['evaluate', *argv])
     return args.func(args)
+
+
+@pytest.mark.parametrize('flag, value, message', [
+    ('--k', '0', 'must be at least 1, got 0'), ('--temperature', '0', 'must be a number above 0, got 0'),
+    ('--mic-channels', '0', 'must be at least 1'), ('--mic-images', '0', 'must be at least 1'),
+    ('--limit', '0', 'must be at least 1'), ('--limit', '-1', 'must be at least 1, got -1'),
+    ('--probe-steps', '0', 'must be at least 1'), ('--lr', '-0.1', 'must be a number above 0'),
+    ('--lost-expand', '0', 'must be at least 1'), ('--norm-k', '0', 'must be a number above 0'),
+    ('--batch-size', '0', 'must be at least 1'), ('--size', '0', 'must be at least 1'),
+    ('--min-box-area', '1.5', r'must be a share of the image in \[0, 1\], got 1.5'),
+    ('--temperature', 'nan', 'must be a number above 0, got nan'),
+])
+def test_evaluate_command_refuses_bad_option_values(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        _evaluate(['--features', 'none', '--protocol', 'artifacts', flag, value])
+    assert re.search(f'argument {flag}: {message}', capsys.readouterr().err)
 
 
 def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys, monkeypatch):
@@ -399,13 +453,23 @@ def test_evaluate_command_rejects_a_bad_split_before_the_backbone_pass(vits_chec
     assert not out.exists()
 
 
-def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_path, capsys):
+def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_path, capsys, caplog):
     g = torch.Generator().manual_seed(0)
     for n in ('a', 'b', 'c'):
         _write_stage1(tmp_path / 's1', n, torch.randn(384, 8, 8, generator=g), torch.randn(384, 8, 8, generator=g))
-    report = _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--out', str(tmp_path / 'a.json'),
-                        '--mic-images', '1'])
+    # A stray file of another backbone is skipped, not a reason to stop.
+    _write_stage1(tmp_path / 's1', 'd', torch.randn(768, 8, 8), torch.randn(768, 8, 8), model='vit_base_patch14_dinov2')
+    with caplog.at_level(logging.WARNING):
+        report = _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--out',
+                            str(tmp_path / 'a.json'), '--mic-images', '1'])
     assert report['images'] == 3 and report['results']['artifacts']['raw']['zero_input_cosine'] is None
+    assert 'd.safetensors: features of vit_base_patch14_dinov2 (768 channels' in caplog.text
+    (tmp_path / 'file').write_text('')
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'file' / 'x.json'}: cannot create its folder"):
+        _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--out',
+                   str(tmp_path / 'file' / 'x.json')])
+    assert capsys.readouterr().out == ''  # refused before the work, not after it
     # With the model, the zero-input reference is computed at the stored input size (112 -> an 8x8 grid).
     report = _evaluate(['--features', str(tmp_path / 's1'), '--model', VITS, '--backbone-checkpoint',
                         str(vits_checkpoint), '--no-pretrained', '--protocol', 'artifacts', '--variants', 'raw',

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dvt_timm import DenoisedViT
-from dvt_timm.fields import PRESETS, FieldSettings, HashGridConfig, decompose, denoise_image, image_seed, sample_indices
+from dvt_timm.cli import main as cli_main
+from dvt_timm.fields import (
+    PRESETS, FieldSettings, HashGridConfig, decompose, denoise_image, denoise_images, image_seed, sample_indices)
 from dvt_timm.fields.outputs import read_stage1
 from dvt_timm.fields.views import View, render_views, sample_views, view_coords
 
@@ -105,6 +107,28 @@ def test_field_settings_reject_values_that_would_train_nothing():
             FieldSettings(**{name: 0})
     with pytest.raises(ValueError, match='lr must be positive'):
         FieldSettings(lr=0.0)
+
+
+def test_denoise_images_names_bad_arguments(plain_vits):
+    with pytest.raises(ValueError, match=r"unknown settings preset 'fastt'; use one of \['fast', 'paper'\]"):
+        denoise_image(plain_vits, torch.zeros(3, 28, 28), settings='fastt')
+    for images in ([], 'photo.jpg'):  # a path is one image: denoise_image, not a string to iterate over
+        with pytest.raises(ValueError, match='images must be a non-empty list'):
+            denoise_images(plain_vits, images, settings='fast')
+    with pytest.raises(ValueError, match='expected a normalised float .* got torch.uint8'):
+        denoise_image(plain_vits, torch.zeros(3, 28, 28, dtype=torch.uint8), settings='fast')
+    with pytest.raises(ValueError, match='holds NaN or inf'):
+        denoise_image(plain_vits, torch.full((3, 28, 28), float('nan')), settings='fast')
+
+
+def test_denoise_images_cli_fails_when_no_image_could_be_processed(tmp_path, vits_checkpoint, capsys):
+    (tmp_path / 'list.txt').write_text('missing1.jpg\nmissing2.jpg\n')
+    args = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
+            '--images', str(tmp_path / 'list.txt'), '--out', str(tmp_path / 'out'), '--preset', 'fast']
+    assert cli_main(args) == 1  # so that a script can tell
+    captured = capsys.readouterr()
+    assert '0 done, 0 skipped (already done), 2 failed' in captured.out
+    assert 'none of the 2 images could be processed' in captured.err
 
 
 def _run_cli(args, **kwargs):

@@ -240,20 +240,50 @@ def test_bad_settings_are_refused(stage1_dir, tmp_path):
     with pytest.raises(ValueError, match=r'multiple of the number of processes \(2\)'):
         _check_config(_config(stage1_dir, tmp_path / 'd', batch_size=5), two)
     _check_config(_config(stage1_dir, tmp_path / 'd', batch_size=6), two)
+    one = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+    with pytest.raises(ValueError, match='--eps must be positive, got 0'):
+        _check_config(_config(stage1_dir, tmp_path / 'e', eps=0), one)
+    for min_lr in (-1e-6, 1.0):  # a negative rate, or a "minimum" above the peak, would train away from F
+        with pytest.raises(ValueError, match='--min-lr must be between 0 and the peak learning rate'):
+            _check_config(_config(stage1_dir, tmp_path / 'e', min_lr=min_lr), one)
+    with pytest.raises(ValueError, match=r"--model vit_small_patch14_dinov2.foo: Invalid pretrained tag \(foo\)"):
+        train(_config(stage1_dir, tmp_path / 'f', model='vit_small_patch14_dinov2.foo'))
+    assert not (tmp_path / 'f').exists()  # refused before it wrote a config.json that could never load
 
 
-def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path):
-    """With checkpoints more often than loss logs, a NaN that enters between them must not be saved."""
+def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeypatch):
+    """With checkpoints more often than loss logs, a NaN that enters between them (a diverging step) must
+    not be saved."""
+    from dvt_timm.training import trainer
+    write_stage1(tmp_path / 'data', {(8, 8): 8})
+    real_step, steps = trainer.train_step, []
+
+    def diverging_step(model, *args):
+        loss = real_step(model, *args)
+        steps.append(loss)
+        if len(steps) == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float('nan'))
+        return loss
+
+    monkeypatch.setattr(trainer, 'train_step', diverging_step)
+    out = tmp_path / 'run'
+    with pytest.raises(RuntimeError, match='weights are not finite at step 3'):
+        train(_config(tmp_path / 'data', out, steps=8, batch_size=2, val_frac=0, ckpt_every=1, log_every=100))
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert state['step'] == 2 and all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_a_stage1_file_holding_nan_is_named(tmp_path):
+    """Without --verify-data files are not read in full when scanned; a NaN one must still be named when it is
+    read, not surface as a NaN loss."""
     write_stage1(tmp_path / 'data', {(8, 8): 8})
     nan_file = tmp_path / 'data' / 'img003.safetensors'
     tensors = load_file(str(nan_file))
-    tensors['raw'][0, 0, 0] = float('nan')
+    tensors['denoised'][0, 0, 0] = float('nan')
     save_file(tensors, str(nan_file), metadata=_meta((8, 8)))
-    out = tmp_path / 'run'
-    with pytest.raises(RuntimeError, match='weights are not finite at step'):
-        train(_config(tmp_path / 'data', out, steps=8, batch_size=2, val_frac=0, ckpt_every=1, log_every=100))
-    state = torch.load(out / 'checkpoint.pt', weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state['model'].values())
+    with pytest.raises(ValueError, match=r'img003.safetensors: holds NaN or Inf; .*--verify-data'):
+        train(_config(tmp_path / 'data', tmp_path / 'run', steps=8, batch_size=2, val_frac=0, log_every=100))
 
 
 def test_the_log_is_strict_json_even_for_a_nan_loss(tmp_path):

@@ -97,6 +97,17 @@ def _visualize(argv):
     return args.func(args)
 
 
+@pytest.mark.parametrize('flag, value, message', [
+    ('--panel-size', '0', 'must be at least 1, got 0'), ('--limit', '0', 'must be at least 1, got 0'),
+    ('--limit', '-1', 'must be at least 1, got -1'), ('--clusters', '0', 'must be at least 1, got 0'),
+    ('--batch-size', '0', 'must be at least 1, got 0'), ('--size', '-56', 'must be at least 1, got -56'),
+])
+def test_visualize_command_refuses_bad_option_values(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        _visualize(['img.png', '--model', 'x', flag, value])
+    assert f'argument {flag}: {message}' in capsys.readouterr().err
+
+
 def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_path):
     out = tmp_path / 'fig.png'
     path = _visualize([str(p) for p in sample_images[:2]] + [
@@ -114,6 +125,11 @@ def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_pat
         _visualize([str(sample_images[0]), '--model', 'x', '--patch', 'middle', '--out', str(out)])
     with pytest.raises(ValueError, match='ROW,COL'):
         _visualize([str(sample_images[0]), '--model', 'x', '--patch', '0.5', '--out', str(out)])
+    with pytest.raises(ValueError, match=r"ROW,COL fractions in \[0, 1\].*got '1.5,0.5'"):  # before the model loads
+        _visualize([str(sample_images[0]), '--model', 'x', '--patch', '1.5,0.5', '--out', str(out)])
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'file' / 'fig.png'}: cannot create its folder"):
+        _visualize([str(sample_images[0]), '--model', 'x', '--out', str(tmp_path / 'file' / 'fig.png')])
     with pytest.raises(FileNotFoundError, match='no image'):
         _visualize([str(tmp_path / 'missing.png'), '--model', 'x', '--out', str(out)])
     (tmp_path / 'other').mkdir()

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -14,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..checkpoint import atomic_write, backbone_arch
+from ..cli import positive_float, positive_int
 from ..data import image_size, list_images, load_image, unique_stems
 from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
@@ -49,11 +51,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--denoiser-checkpoint', help="denoiser weights (authors' .pth or our directory)")
     p.add_argument('--no-pretrained', action='store_true',
                    help='download nothing: parts without a checkpoint stay randomly initialised')
-    p.add_argument('--size', type=int, nargs='+', default=[448], metavar='PX',
+    p.add_argument('--size', type=positive_int, nargs='+', default=[448], metavar='PX',
                    help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14)')
-    p.add_argument('--batch-size', type=int, default=1, help='images per backbone pass (default 1)')
+    p.add_argument('--batch-size', type=positive_int, default=1, help='images per backbone pass (default 1)')
     p.add_argument('--cache', metavar='DIR', help='on-disk feature cache, keyed by the weights and the input size')
-    p.add_argument('--limit', type=int, help='use only the first N images')
+    p.add_argument('--limit', type=positive_int, help='use only the first N images')
+
+
+def _area_share(text: str) -> float:
+    """argparse type: a share of the image area, in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'must be a share of the image in [0, 1], got {text}')
+    return value
+
+
+def _prepare_out(out: Path, suffix: str) -> None:
+    """Create the folder of `--out` now, so that a path that cannot be written fails before the work."""
+    if out.is_dir():
+        raise ValueError(f'--out {out} is a folder; give a {suffix} file path')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, ...
+        raise ValueError(f'--out {out}: cannot create its folder {out.parent} ({e.strerror or e})') from e
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ValueError(f'--out {out}: its folder {out.parent} is not writable')
 
 
 def _variants(arg: Sequence[str]) -> Tuple[str, ...]:
@@ -93,13 +115,15 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument('--ignore-index', type=int,
                    help="label value for unlabelled pixels (default 255 for voc/index; e.g. 0 for COCO, 11 for CamVid)")
     g = p.add_argument_group('artifacts')
-    g.add_argument('--norm-k', type=float, default=5.0, help='high-norm threshold: median + k * MAD (default 5)')
-    g.add_argument('--mic-channels', type=int, default=32,
-                   help='MIC maximum over this many channels, screened by correlation ratio (0 = all; default 32)')
-    g.add_argument('--mic-images', type=int, help='MIC on the first N images only')
+    g.add_argument('--norm-k', type=positive_float, default=5.0,
+                   help='high-norm threshold: median + k * MAD (default 5)')
+    g.add_argument('--mic-channels', type=positive_int, default=32,
+                   help='MIC maximum over this many channels, screened by correlation ratio (the feature width or '
+                        'more = all; default 32)')
+    g.add_argument('--mic-images', type=positive_int, help='MIC on the first N images only')
     g = p.add_argument_group('knn')
-    g.add_argument('--k', type=int, default=20, help='neighbours (default 20)')
-    g.add_argument('--temperature', type=float, default=0.07, help='vote weight exp(cos / T) (default 0.07)')
+    g.add_argument('--k', type=positive_int, default=20, help='neighbours (default 20)')
+    g.add_argument('--temperature', type=positive_float, default=0.07, help='vote weight exp(cos / T) (default 0.07)')
     g.add_argument('--knn-mode', nargs='+', choices=('centroid', 'patch'), default=['centroid'])
     g.add_argument('--knn-holdout', type=float,
                    help='fraction of images held out as queries (default: leave-one-image-out)')
@@ -108,18 +132,18 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument('--probe-folds', type=int,
                    help='K-fold cross-validation instead of one held-out split: every image is tested once '
                         '(steadier on a set of a few dozen images)')
-    g.add_argument('--probe-steps', type=int, default=500, help='AdamW steps of 8 images (default 500)')
-    g.add_argument('--lr', type=float, default=3e-2, help='probe learning rate (default 0.03)')
+    g.add_argument('--probe-steps', type=positive_int, default=500, help='AdamW steps of 8 images (default 500)')
+    g.add_argument('--lr', type=positive_float, default=3e-2, help='probe learning rate (default 0.03)')
     g = p.add_argument_group('lost')
     g.add_argument('--lost-seed', choices=('norm', 'degree'), default='norm',
                    help='seed patch: highest feature norm (default) or lowest degree (original LOST)')
-    g.add_argument('--lost-expand', type=int, default=100, help='seed-set size (default 100, as LOST)')
+    g.add_argument('--lost-expand', type=positive_int, default=100, help='seed-set size (default 100, as LOST)')
     g.add_argument('--boxes', metavar='JSON', help='ground-truth boxes {"<image stem>": [[x0, y0, x1, y1], ...]}')
     g.add_argument('--boxes-from-masks', action='store_true',
                    help='derive ground-truth boxes from connected regions of the label masks (approximate)')
     g.add_argument('--box-classes', metavar='SPEC',
                    help='label values that are objects for --boxes-from-masks, e.g. 1-90 (default: all but 0)')
-    g.add_argument('--min-box-area', type=float, default=0.01,
+    g.add_argument('--min-box-area', type=_area_share, default=0.01,
                    help='derived boxes cover at least this share of the image (default 0.01)')
     p.set_defaults(func=run_evaluate)
     return p
@@ -171,8 +195,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError('give --model (or --features with stored stage-1 outputs)')
     if 'lost' in protocols and args.boxes and args.boxes_from_masks:
         raise ValueError('give either --boxes or --boxes-from-masks, not both')
-    if Path(args.out).is_dir():  # found now, not after the work
-        raise ValueError(f'--out {args.out} is a folder; give a .json file path')
+    _prepare_out(Path(args.out), '.json')
     needs_labels = bool({'knn', 'linear'} & set(protocols)) or ('lost' in protocols and args.boxes_from_masks)
     # Box inputs are parsed now so that a bad file or value fails before the backbone pass.
     box_table = read_boxes(args.boxes) if 'lost' in protocols and args.boxes else None
@@ -243,7 +266,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         if protocol == 'artifacts':
             results['artifacts'] = {v: artifact_metrics(
                 fs.maps[v], fs.reference, norm_k=args.norm_k, mic_images=args.mic_images,
-                mic_channels=args.mic_channels or None, progress=True) for v in variants}
+                mic_channels=args.mic_channels, progress=True) for v in variants}
             if fs.reference is None:
                 _logger.warning('no zero-input reference (stored features without --model): |cos| not computed')
         elif protocol == 'knn':
@@ -329,10 +352,10 @@ def add_visualize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument('--features', metavar='DIR', help='stored stage-1 outputs to show instead of running the model')
     p.add_argument('--out', default='dvt_features.png', help='output PNG (default dvt_features.png)')
     p.add_argument('--raw-only', action='store_true', help='show raw features only (no denoiser needed)')
-    p.add_argument('--clusters', type=int, default=6, help='K-means clusters (default 6)')
+    p.add_argument('--clusters', type=positive_int, default=6, help='K-means clusters (default 6)')
     p.add_argument('--patch', default='0.5,0.5', help='reference patch for the cosine panels as fractional '
                                                       'ROW,COL in [0, 1] (default the centre)')
-    p.add_argument('--panel-size', type=int, default=192, help='panel width in pixels (default 192)')
+    p.add_argument('--panel-size', type=positive_int, default=192, help='panel width in pixels (default 192)')
     p.add_argument('--seed', type=int, default=0, help='seed of K-means and of weights without a checkpoint')
     p.set_defaults(func=run_visualize)
     return p
@@ -361,15 +384,14 @@ def run_visualize(args: argparse.Namespace) -> Path:
         patch = tuple(float(v) for v in args.patch.split(','))
     except ValueError:
         patch = ()
-    if len(patch) != 2:
-        raise ValueError(f'--patch takes ROW,COL fractions like 0.5,0.5, got {args.patch!r}')
+    if len(patch) != 2 or not all(0 <= v <= 1 for v in patch):  # checked now, not after the backbone pass
+        raise ValueError(f'--patch takes ROW,COL fractions in [0, 1] like 0.5,0.5, got {args.patch!r}')
     if args.features is None and args.model is None:
         raise ValueError('give --model (or --features with stored stage-1 outputs)')
-    if args.clusters < 1:
-        raise ValueError(f'--clusters must be at least 1, got {args.clusters}')
     out = Path(args.out)
     if out.suffix.lower() != '.png':
         raise ValueError(f'--out must be a .png file, got {out}')
+    _prepare_out(out, '.png')
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run

@@ -6,19 +6,20 @@ Every protocol reads a `FeatureSet`, so a run computes the backbone once and eva
 import hashlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
 from ..data import image_to_tensor, load_image
-from ..fields.outputs import Stage1Error, read_stage1
+from ..fields.outputs import Stage1Error, Stage1Item, read_stage1
 
 __all__ = [
     'VARIANTS', 'FeatureSet', 'extract_features', 'load_stage1', 'zero_input_map', 'mean_std',
@@ -120,7 +121,7 @@ def _read_maps(path: Path, expected_format: str, required: str = 'raw') -> Tuple
             if required not in keys:
                 raise ValueError(f'has no {required!r} tensor (tensors: {sorted(keys)})')
             maps = {v: f.get_tensor(v) for v in VARIANTS if v in keys}
-    except (OSError, RuntimeError) as e:  # safetensors reports bad headers / truncation as these
+    except (SafetensorError, OSError, RuntimeError) as e:  # bad headers / truncation; not ValueErrors
         raise ValueError(f'{path}: not a readable safetensors file ({e})') from e
     except ValueError as e:
         raise ValueError(f'{path}: {e}') from e
@@ -178,6 +179,9 @@ def extract_features(
     H, W = _size_tuple(size)
     if H % dvt.patch_size or W % dvt.patch_size:
         raise ValueError(f'size {H}x{W} is not a multiple of the patch size {dvt.patch_size}')
+    if isinstance(images, (str, os.PathLike)):  # a str is a sequence too: of its characters
+        raise TypeError(f'images must be a list of image paths, got the single path {str(images)!r}; '
+                        f'pass [{str(images)!r}]')
     mean, std = mean_std(dvt)
     images = [Path(p) for p in images]
     names = list(names) if names is not None else [p.stem for p in images]
@@ -258,7 +262,9 @@ def load_stage1(
     and metadata format 'dvt-timm-stage1').
 
     With `names`, the files `<Path(name).name>.safetensors` are read in that order (missing or malformed
-    ones are logged and skipped); otherwise every file in the folder. All maps must share one grid.
+    ones are logged and skipped); otherwise every file in the folder. The set is the files of the most
+    common backbone, width and input size (the first file's on a tie); a stray file of another kind is
+    logged and skipped, as `train-denoiser` does.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -268,27 +274,35 @@ def load_stage1(
         names = [p.stem for p in files]
     else:
         files = [folder / f'{Path(n).name}.safetensors' for n in names]
-    kept, maps, first = [], {v: [] for v in VARIANTS}, None
+    read = []
     for name, path in zip(names, files):
         if not path.is_file():
             _logger.warning('skipping %s: no stage-1 file %s', name, path)
             continue
         try:
-            raw, denoised, item = read_stage1(path)
+            read.append((name, *read_stage1(path)))
         except Stage1Error as e:
             _logger.warning('skipping %s', e)
+    if not read:
+        raise ValueError(f'{folder}: no readable stage-1 files' + (' for the given images' if names else ''))
+    # Maps of one set are stacked and compared, so they must share backbone, width and grid.
+    kinds = Counter(_stage1_kind(item) for *_, item in read)
+    common = kinds.most_common(1)[0][0]  # ties go to the first file's kind
+    kept, maps, first = [], {v: [] for v in VARIANTS}, None
+    for name, raw, denoised, item in read:
+        if _stage1_kind(item) != common:
+            _logger.warning('skipping %s: features of %s differ from those of most files, %s; evaluate one '
+                            'backbone and input size at a time', item.path, _stage1_kind(item), common)
             continue
-        if first is not None and (item.model, item.embed_dim) != (first.model, first.embed_dim):
-            raise ValueError(f'{path}: features of {item.model} ({item.embed_dim} channels) differ from '
-                             f'{first.path}\'s, of {first.model} ({first.embed_dim}); evaluate one backbone at a time')
-        if first is not None and item.grid != first.grid:
-            raise ValueError(f'{path}: maps of grid {item.grid} differ from {first.path}\'s {first.grid}; '
-                             'evaluate stage-1 outputs of one input size together')
         first = first or item
         kept.append(name)
         maps['raw'].append(raw.permute(2, 0, 1))
         maps['denoised'].append(denoised.permute(2, 0, 1))
-    if not kept:
-        raise ValueError(f'{folder}: no readable stage-1 files' + (' for the given images' if names else ''))
     return FeatureSet(names=kept, maps={v: torch.stack(m) for v, m in maps.items()}, input_size=first.input_size,
                       model=first.model)
+
+
+def _stage1_kind(item: Stage1Item) -> str:
+    """What stage-1 files must share to be evaluated together, in words."""
+    (H, W), (h, w) = item.input_size, item.grid
+    return f'{item.model} ({item.embed_dim} channels, {H}x{W} input, {h}x{w} grid)'

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import IMAGE_EXTENSIONS, list_images
+from ..data import IMAGE_EXTENSIONS, image_size, list_images
 
 __all__ = [
     'IGNORE', 'LABEL_FORMATS', 'VOC_CLASSES', 'voc_colormap', 'read_label', 'detect_label_format',
@@ -191,7 +191,9 @@ class LabeledFolder:
         labels_dir: an explicit label folder (same stems as the images).
         limit: keep the first `limit` pairs.
 
-    Unreadable or malformed label files are logged with the reason and skipped.
+    Unreadable or malformed label files, and labels whose aspect ratio is not their image's (a cropped or
+    mismatched label: predictions are stretched onto the label), are logged with the reason and skipped. A
+    label at another resolution of the same aspect (within 1%) is kept; predictions are resized to it.
     """
     root: PathLike
     labels_format: Optional[str] = None
@@ -218,11 +220,13 @@ class LabeledFolder:
         raw, self.images, self.label_paths, self.skipped = [], [], [], {}
         for img, lab in pairs:
             try:
-                raw.append(read_label(lab, self.labels_format, self.ignore_index))
+                label = read_label(lab, self.labels_format, self.ignore_index)
+                _check_aspect(lab, label.shape, img)
             except ValueError as e:
                 _logger.warning('skipping %s: %s', img.name, e)
                 self.skipped[str(lab)] = str(e)
                 continue
+            raw.append(label)
             self.images.append(img)
             self.label_paths.append(lab)
         if not raw:
@@ -261,6 +265,14 @@ class LabeledFolder:
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def _check_aspect(label_path: Path, label_shape: Tuple[int, int], image_path: Path, tol: float = 0.01) -> None:
+    """ValueError naming both sizes when a label's aspect ratio differs from its image's by more than `tol`."""
+    (lh, lw), (iw, ih) = label_shape, image_size(image_path)
+    if abs(lw * ih - lh * iw) > tol * lh * iw:  # |lw/lh - iw/ih| > tol * iw/ih, without divisions
+        raise ValueError(f'{label_path}: label is {lw}x{lh} but its image {image_path.name} is {iw}x{ih}; a label '
+                         'of another aspect ratio (cropped or mismatched) cannot be scored')
 
 
 def image_key(path: Path, root: Path) -> str:

@@ -59,6 +59,8 @@ def _run(args: argparse.Namespace) -> None:
     print(f'stage 1: {summary}')
     for failure in summary.failed:
         print(f'  failed: {failure}')
+    if summary.failed and not (summary.done or summary.skipped):  # so that scripts can tell
+        raise RuntimeError(f'none of the {len(summary.failed)} images could be processed')
 
 
 def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:

@@ -22,7 +22,10 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 def resolve_settings(settings: Union[None, str, FieldSettings], patch_size: int) -> FieldSettings:
     """A preset name or settings object, with the image size filled in for this patch size."""
-    settings = PRESETS[settings or 'paper'] if not isinstance(settings, FieldSettings) else settings
+    if not isinstance(settings, FieldSettings):
+        if (settings or 'paper') not in PRESETS:
+            raise ValueError(f'unknown settings preset {settings!r}; use one of {sorted(PRESETS)} or a FieldSettings')
+        settings = PRESETS[settings or 'paper']
     if settings.image_size is None:
         settings = settings.with_overrides(image_size=default_input_size(patch_size))
     if settings.image_size % patch_size:
@@ -55,6 +58,10 @@ def _as_tensor(image: ImageLike, size: int, mean, std) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f'expected a normalised (3, H, W) image tensor, got shape {tuple(image.shape)}')
+        if not image.is_floating_point():
+            raise ValueError(f'expected a normalised float (3, H, W) image tensor, got {image.dtype}')
+        if not image.isfinite().all():
+            raise ValueError('the image tensor holds NaN or inf values')
         if image.shape[-2:] != (size, size):
             image = torch.nn.functional.interpolate(image[None], size=(size, size), mode='bicubic',
                                                     align_corners=False, antialias=True)[0]
@@ -127,6 +134,10 @@ def denoise_images(
     size = settings.image_size
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(backbone, 'pretrained_cfg', {})
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
+    one = isinstance(images, (str, os.PathLike, Image.Image)) or isinstance(images, torch.Tensor) and images.ndim != 4
+    if one or not len(images):
+        raise ValueError('images must be a non-empty list of paths, PIL images or (3, H, W) tensors; '
+                         'use denoise_image for one image')
     keys = [str(k) for k in (keys if keys is not None else range(len(images)))]
     if len(keys) != len(images):
         raise ValueError(f'{len(keys)} keys for {len(images)} images')

@@ -182,4 +182,7 @@ class Stage1Dataset(Dataset):
             raise Stage1Error(f'{path}: unreadable stage-1 file ({e}); it was valid when scanned') from e
         if raw.shape[:2] != self.items[index].grid:
             raise Stage1Error(f'{path}: grid changed on disk since the scan')
-        return raw.float(), clean.float()
+        raw, clean = raw.float(), clean.float()
+        if not (raw.isfinite().all() and clean.isfinite().all()):  # it would make the loss NaN, naming nothing
+            raise Stage1Error(f'{path}: holds NaN or Inf; delete it, or train with --verify-data to skip such files')
+        return raw, clean

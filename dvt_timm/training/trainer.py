@@ -340,6 +340,11 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
                          f'processes ({env.world_size})')
     if cfg.lr is not None and cfg.lr <= 0:
         raise ValueError(f'--lr must be positive, got {cfg.lr}')
+    if cfg.eps <= 0:
+        raise ValueError(f'--eps must be positive, got {cfg.eps}')
+    if not 0 <= cfg.min_lr <= (cfg.lr or default_lr(cfg.batch_size)):
+        raise ValueError(f'--min-lr must be between 0 and the peak learning rate '
+                         f'{cfg.lr or default_lr(cfg.batch_size):g}, got {cfg.min_lr:g}')
     if not 0 <= cfg.warmup_frac < 1:
         raise ValueError(f'--warmup-frac must be in [0, 1), got {cfg.warmup_frac}')
     if min(cfg.val_every, cfg.ckpt_every, cfg.log_every, cfg.workers) < 0:
@@ -428,6 +433,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     backbone = resolve_backbone(cfg.model)
     if not timm.is_model(backbone_arch(backbone)):
         raise ValueError(f'--model {cfg.model} is not a timm model (see timm.list_models())')
+    if '.' in backbone:  # the tag is written into the denoiser's config.json, which must load later
+        try:
+            timm.models.get_pretrained_cfg(backbone)
+        except RuntimeError as e:
+            raise ValueError(f'--model {cfg.model}: {e} (see timm.list_pretrained())') from None
     saved = _read_resume_state(cfg, ckpt_path, env)
     resume = saved is not None
 
