@@ -199,8 +199,17 @@ def test_model_must_match_the_data(stage1_dir, tmp_path, capsys):
         scan_stage1(stage1_dir, model='vit_base_patch14_dinov2', log=False)
     with pytest.raises(Stage1Error, match='no usable stage-1 files'):
         scan_stage1(tmp_path, log=False)
-    with pytest.raises(Stage1Error, match=r'vit_small_patch14_dinov2\.other.*vit_small_patch14_dinov2\.lvd142m'):
-        train(_config(stage1_dir, tmp_path / 'tag', model='vit_small_patch14_dinov2.other'))  # other weights
+    # The same architecture with other weights (another pretrained tag) is another backbone.
+    dino = {'raw': torch.zeros(8, 8, C), 'denoised': torch.zeros(8, 8, C)}
+    (tmp_path / 'dino').mkdir()
+    for i in range(4):
+        save_file(dino, str(tmp_path / 'dino' / f'{i}.safetensors'),
+                  metadata=_meta((8, 8), model='vit_small_patch16_224.dino', input_size='128,128', patch_size='16'))
+    with pytest.raises(Stage1Error, match=r'vit_small_patch16_224\.augreg_in1k.*vit_small_patch16_224\.dino'):
+        train(_config(tmp_path / 'dino', tmp_path / 'tag', model='vit_small_patch16_224.augreg_in1k', batch_size=2))
+    with pytest.raises(ValueError, match=r'vit_small_patch14_dinov2\.other: Invalid pretrained tag \(other\)'):
+        train(_config(stage1_dir, tmp_path / 'other', model='vit_small_patch14_dinov2.other'))  # no such weights
+    assert not (tmp_path / 'other').exists()  # refused before it wrote a config.json that could never load
     # The CLI reports it as an error naming both, without a traceback.
     rc = commands.main(_cli_args(stage1_dir, tmp_path / 'x', model='dvt_vit_large_patch14_dinov2'))
     err = capsys.readouterr().err
@@ -246,9 +255,6 @@ def test_bad_settings_are_refused(stage1_dir, tmp_path):
     for min_lr in (-1e-6, 1.0):  # a negative rate, or a "minimum" above the peak, would train away from F
         with pytest.raises(ValueError, match='--min-lr must be between 0 and the peak learning rate'):
             _check_config(_config(stage1_dir, tmp_path / 'e', min_lr=min_lr), one)
-    with pytest.raises(ValueError, match=r"--model vit_small_patch14_dinov2.foo: Invalid pretrained tag \(foo\)"):
-        train(_config(stage1_dir, tmp_path / 'f', model='vit_small_patch14_dinov2.foo'))
-    assert not (tmp_path / 'f').exists()  # refused before it wrote a config.json that could never load
 
 
 def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeypatch):
