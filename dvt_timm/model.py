@@ -125,7 +125,8 @@ class DenoisedViT(
             raise TypeError(f'backbone must be a timm model name or nn.Module, got {type(backbone).__name__}')
         if isinstance(backbone, DenoisedViT):
             raise ValueError(f'{self.backbone_name or "this model"} already has a denoiser: build it with '
-                             'timm.create_model, or give DenoisedViT the plain backbone (e.g. vit_small_patch14_dinov2)')
+                             'timm.create_model, or give DenoisedViT the plain backbone '
+                             '(e.g. vit_small_patch14_dinov2)')
         self._check_backbone(backbone)
         self.backbone = backbone
 

@@ -223,7 +223,8 @@ def test_denoise_images_cli_keeps_inputs_and_refuses_to_mix_settings(tmp_path, s
     assert code == 0 and '1 done, 1 skipped (already done), 0 failed' in printed.out
     assert read_stage1(folder / f'{stem}.safetensors')[2].input_size == (56, 56)
     code, printed = run('--image-size', '28')
-    assert code == 1 and 'was made with another input_size and settings than this run' in printed.err
+    assert code == 1 and "was made with other settings than this run (input_size '56,56', now '28,28'; " \
+                         "image_size 56, now 28)" in printed.err
     with pytest.raises(SystemExit):
         main([*common, '--batch-images', '0'])
     assert 'must be at least 1, got 0' in capsys.readouterr().err

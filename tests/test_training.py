@@ -280,6 +280,18 @@ def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeyp
     assert state['step'] == 2 and all(torch.isfinite(v).all() for v in state['model'].values())
 
 
+def test_resume_names_the_files_that_changed(tmp_path):
+    write_stage1(tmp_path / 'data', {(8, 8): 8})
+    out = tmp_path / 'run'
+    run = dict(steps=2, batch_size=2, val_frac=0.25, log_every=100)
+    train(_config(tmp_path / 'data', out, **run))
+    (tmp_path / 'data' / 'img002.safetensors').rename(tmp_path / 'data' / 'img100.safetensors')
+    # One file gone and one new: the split is drawn again from the new set, but the message names the two.
+    changed = r"the stage-1 files changed .*\(gone: \['img002.safetensors'\]; new: \['img100.safetensors'\]\)"
+    with pytest.raises(ValueError, match=changed):
+        train(_config(tmp_path / 'data', out, resume=True, **run))
+
+
 def test_a_stage1_file_holding_nan_is_named(tmp_path):
     """Without --verify-data files are not read in full when scanned; a NaN one must still be named when it is
     read, not surface as a NaN loss."""

@@ -67,9 +67,23 @@ def _finished(path: Path, expected: Dict[str, str]) -> bool:
         return False
     differ = sorted(k for k, v in expected.items() if _comparable(k, meta.get(k)) != _comparable(k, v))
     if differ:
-        raise ValueError(f'{path} was made with another {" and ".join(differ)} than this run; use another output '
+        changes = '; '.join(_difference(k, meta.get(k), expected[k]) for k in differ)
+        raise ValueError(f'{path} was made with other settings than this run ({changes}); use another output '
                          'folder, or delete the file to redo it')
     return True
+
+
+def _difference(key: str, theirs: Optional[str], ours: str) -> str:
+    """One differing metadata entry in words; for the settings JSON, each field that differs."""
+    if key == 'settings':
+        try:
+            a, b = json.loads(theirs or '{}'), json.loads(ours)
+        except ValueError:  # unreadable settings: named as a whole below
+            a = b = None
+        if isinstance(a, dict) and isinstance(b, dict):
+            return ', '.join(f'{k} {a.get(k)!r}, now {b.get(k)!r}' for k in sorted(set(a) | set(b))
+                             if a.get(k) != b.get(k))
+    return f'{key} {theirs!r}, now {ours!r}'
 
 
 def _rank_world() -> tuple:

@@ -364,13 +364,13 @@ def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: 
     if diffs:
         raise ValueError(f'--resume: {path} belongs to a run with other settings ({"; ".join(diffs)}); '
                          'rerun with the original settings or start a new --out')
-    for split, now in (('train', train_names), ('val', val_names)):
-        before = list(state[f'{split}_files'])
-        if before != now:
-            gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
-            raise ValueError(f'--resume: the {split} files changed since {path} was written '
-                             f'(missing now: {gone[:5]}{"..." if len(gone) > 5 else ""}; '
-                             f'new: {new[:5]}{"..." if len(new) > 5 else ""})')
+    if list(state['train_files']) != train_names or list(state['val_files']) != val_names:
+        # The held-out split is drawn from the whole set, so name what changed in the set, not each split.
+        before, now = set(state['train_files']) | set(state['val_files']), set(train_names) | set(val_names)
+        gone, new = sorted(before - now), sorted(now - before)
+        raise ValueError(f'--resume: the stage-1 files changed since {path} was written '
+                         f'(gone: {gone[:5]}{"..." if len(gone) > 5 else ""}; '
+                         f'new: {new[:5]}{"..." if len(new) > 5 else ""}); restore them or start a new --out')
 
 
 def _read_resume_state(cfg: TrainConfig, path: Path, env: DistEnv) -> Optional[Dict[str, Any]]:
