@@ -219,9 +219,15 @@ def test_from_pretrained_of_a_folder_without_config_says_so(tmp_path, authors_fi
     DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=ours)  # which loads them
 
 
-def test_from_pretrained_of_a_mistyped_folder_says_so(tmp_path):
+def test_from_pretrained_of_a_mistyped_folder_says_so(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match='no denoiser folder at .*runs/typo/denoiser'):
         DenoisedViT.from_pretrained(str(tmp_path / 'runs' / 'typo' / 'denoiser'))
+    # 'runs/denoisr' is a valid repo id too; with a local runs/ folder it is a typo, found without the Hub.
+    (tmp_path / 'runs').mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr('dvt_timm.model.fetch_denoiser', lambda *a, **k: pytest.fail('asked the Hub'))
+    with pytest.raises(FileNotFoundError, match='no denoiser folder at runs/denoisr .*not taken for a Hub repo id'):
+        DenoisedViT.from_pretrained('runs/denoisr')
 
 
 def test_saved_model_card_names_the_backbone(tmp_path, authors_file):
