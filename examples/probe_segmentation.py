@@ -10,9 +10,10 @@ import argparse
 import os
 from pathlib import Path
 
+from dvt_timm.checkpoint import backbone_arch
 from dvt_timm.evaluation import LabeledFolder, extract_features, knn_segmentation, linear_probe
 from dvt_timm.evaluation.commands import format_table
-from dvt_timm.registry import load_model
+from dvt_timm.registry import load_model, resolve_backbone
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +41,8 @@ def main() -> None:
         parser.error(f'no data folder at {args.data}: pass --data, or set DVT_SHARED to the shared data folder')
 
     backbone = args.backbone_checkpoint
-    if backbone is None and shared('weights', 'dinov2_vits14.safetensors').is_file():
+    on_shared = backbone_arch(resolve_backbone(args.model)) == 'vit_small_patch14_dinov2'
+    if backbone is None and on_shared and shared('weights', 'dinov2_vits14.safetensors').is_file():
         backbone = str(shared('weights', 'dinov2_vits14.safetensors'))
     model = load_model(args.model, backbone, args.denoiser_checkpoint)  # the backbone from timm when None
 

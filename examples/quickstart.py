@@ -4,8 +4,8 @@
     python examples/quickstart.py --image my.jpg --out my_pca.png
 
 The default model is dvt-timm's own ViT-S/14 denoiser, which ships with the package. Backbone weights:
---backbone-checkpoint when given; else the DINOv2 ViT-S/14 in $DVT_SHARED/weights (or ../shared/weights next
-to the repository); else timm's pretrained weights from the Hugging Face Hub. Other --model tags fetch their
+--backbone-checkpoint when given; else, for models on DINOv2 ViT-S/14, the one in $DVT_SHARED/weights (or
+../shared/weights next to the repository); else timm's pretrained weights from the Hugging Face Hub. Other --model tags fetch their
 denoiser from the Hub unless --denoiser-checkpoint is given.
 """
 import argparse
@@ -18,14 +18,18 @@ import torch
 from PIL import Image
 
 import dvt_timm  # noqa: F401  (registers the dvt_* models with timm)
+from dvt_timm.checkpoint import backbone_arch
 from dvt_timm.data import image_to_tensor, load_image
+from dvt_timm.registry import resolve_backbone
 from dvt_timm.visualize import pca_rgb, rgb_panel
 
 HERE = Path(__file__).resolve().parent
 
 
-def shared_backbone() -> Optional[Path]:
-    """The shared DINOv2 ViT-S/14 weights, if this checkout has them."""
+def shared_backbone(model: str) -> Optional[Path]:
+    """The shared DINOv2 ViT-S/14 weights, when `model` is built on that backbone and this checkout has them."""
+    if backbone_arch(resolve_backbone(model)) != 'vit_small_patch14_dinov2':
+        return None
     for root in (os.environ.get('DVT_SHARED'), HERE.parent.parent / 'shared'):
         if root and (Path(root) / 'weights' / 'dinov2_vits14.safetensors').is_file():
             return Path(root) / 'weights' / 'dinov2_vits14.safetensors'
@@ -42,7 +46,7 @@ def main() -> None:
     parser.add_argument('--out', default='quickstart_pca.png')
     args = parser.parse_args()
 
-    backbone = args.backbone_checkpoint or shared_backbone()  # None: timm downloads the backbone
+    backbone = args.backbone_checkpoint or shared_backbone(args.model)  # None: timm downloads the backbone
     model = timm.create_model(args.model, pretrained=True, backbone_checkpoint=backbone,
                               denoiser_checkpoint=args.denoiser_checkpoint).eval()
 

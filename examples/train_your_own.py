@@ -5,7 +5,8 @@
 It runs the two stages in Python; the same recipe on the command line is
 
     dvt-timm denoise-images --model vit_small_patch14_dinov2 --images my_photos/ --out runs/mine/stage1 --preset fast
-    dvt-timm train-denoiser --data runs/mine/stage1 --model vit_small_patch14_dinov2 --out runs/mine/denoiser
+    dvt-timm train-denoiser --data runs/mine/stage1 --model vit_small_patch14_dinov2 --out runs/mine/denoiser \
+        --batch-size 4 --val-frac 0.2     # this script's defaults; the CLI's batch of 64 needs ~70 images
 
 and `dvt_timm.hub.upload_denoiser('runs/mine/denoiser', 'you/your-denoiser')` publishes it with its model
 card (or pass --push-to-hub here). Stage 1 is resumable: rerun the same command after an interruption.

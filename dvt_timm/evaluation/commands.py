@@ -50,7 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (.safetensors / .pth)')
     p.add_argument('--denoiser-checkpoint', help="denoiser weights (authors' .pth or our directory)")
     p.add_argument('--no-pretrained', action='store_true',
-                   help='download nothing: parts without a checkpoint stay randomly initialised')
+                   help='no pretrained weights, downloaded or shipped: parts without a checkpoint stay randomly initialised')
     p.add_argument('--size', type=positive_int, nargs='+', default=[448], metavar='PX',
                    help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14)')
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per backbone pass (default 1)')
@@ -104,7 +104,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                                   '<id>_image.png + <id>_target.png)')
     p.add_argument('--features', metavar='DIR', help='stored stage-1 outputs (<image stem>.safetensors) to evaluate '
                                                      'instead of running the model')
-    p.add_argument('--protocol', nargs='+', choices=PROTOCOLS, required=True)
+    p.add_argument('--protocol', nargs='+', choices=PROTOCOLS, required=True, help='what to measure, one or more')
     p.add_argument('--variants', nargs='+', default=['raw,denoised'], help='raw, denoised or both (default)')
     p.add_argument('--out', default='evaluation.json', help='JSON results file (default evaluation.json)')
     p.add_argument('--seed', type=int, default=0,
@@ -124,7 +124,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group('knn')
     g.add_argument('--k', type=positive_int, default=20, help='neighbours (default 20)')
     g.add_argument('--temperature', type=positive_float, default=0.07, help='vote weight exp(cos / T) (default 0.07)')
-    g.add_argument('--knn-mode', nargs='+', choices=('centroid', 'patch'), default=['centroid'])
+    g.add_argument('--knn-mode', nargs='+', choices=('centroid', 'patch'), default=['centroid'],
+                   help="bank of class centroids per image (the paper's) and/or of patches (default centroid)")
     g.add_argument('--knn-holdout', type=float,
                    help='fraction of images held out as queries (default: leave-one-image-out)')
     g = p.add_argument_group('linear probe')
