@@ -49,6 +49,15 @@ _SUPPORTED = ('DenoisedViT wraps timm VisionTransformer and Eva models such as D
               'and DeiT-III')
 
 
+def _create_backbone(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # every timm ViT takes dynamic_img_size; other families do not
+        if 'dynamic_img_size' not in str(e):
+            raise
+        raise ValueError(f'{name} is not a ViT with patch tokens: {_SUPPORTED}') from e
+
+
 def default_input_size(patch_size: int) -> int:
     """The input side DVT uses: 518 px for patch 14 (a 37x37 grid), 512 px otherwise (32x32 at patch 16)."""
     return 518 if patch_size == 14 else 512
@@ -108,13 +117,14 @@ class DenoisedViT(
         if isinstance(backbone, str):
             self.backbone_name = backbone
             backbone_kwargs.setdefault('dynamic_img_size', True)
-            try:
-                backbone = timm.create_model(
-                    backbone, pretrained=pretrained and backbone_checkpoint is None, **backbone_kwargs)
-            except TypeError as e:  # every timm ViT takes dynamic_img_size; other families do not
-                if 'dynamic_img_size' not in str(e):
-                    raise
-                raise ValueError(f'{self.backbone_name} is not a ViT with patch tokens: {_SUPPORTED}') from e
+            download = pretrained and backbone_checkpoint is None
+            if download:  # a model that is not a ViT is named before its weights are fetched (or fail to be)
+                try:
+                    with torch.device('meta'):
+                        self._check_backbone(_create_backbone(backbone, False, backbone_kwargs))
+                except (RuntimeError, NotImplementedError):  # an init that needs real tensors: checked below
+                    pass
+            backbone = _create_backbone(backbone, download, backbone_kwargs)
         elif isinstance(backbone, nn.Module):
             if backbone_kwargs:
                 raise TypeError(f'backbone kwargs {sorted(backbone_kwargs)} only apply when backbone is a name')
@@ -123,10 +133,6 @@ class DenoisedViT(
             self.backbone_name = f'{arch}.{tag}' if arch and tag else (arch or '')
         else:
             raise TypeError(f'backbone must be a timm model name or nn.Module, got {type(backbone).__name__}')
-        if isinstance(backbone, DenoisedViT):
-            raise ValueError(f'{self.backbone_name or "this model"} already has a denoiser: build it with '
-                             'timm.create_model, or give DenoisedViT the plain backbone '
-                             '(e.g. vit_small_patch14_dinov2)')
         self._check_backbone(backbone)
         self.backbone = backbone
 
@@ -163,6 +169,9 @@ class DenoisedViT(
 
     @staticmethod
     def _check_backbone(model: nn.Module) -> None:
+        if isinstance(model, DenoisedViT):
+            raise ValueError(f'this is a DenoisedViT already (a ViT with a denoiser): build dvt_* models with '
+                             f'timm.create_model, or give DenoisedViT the plain backbone, {model.backbone_name}')
         needed = ('patch_embed', 'blocks', 'norm', 'num_prefix_tokens', 'forward_intermediates')
         missing = [a for a in needed if not hasattr(model, a)]
         if missing or not hasattr(model.patch_embed, 'patch_size'):

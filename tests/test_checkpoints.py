@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import timm
 import torch
 
 import dvt_timm  # noqa: F401
@@ -158,9 +159,18 @@ def test_a_file_that_is_not_backbone_weights_says_what_it_is(tmp_path, authors_f
 
 
 def test_a_dvt_model_name_is_not_a_backbone():
-    with pytest.raises(ValueError, match='dvt_vit_small_patch14_dinov2 already has a denoiser: build it with '
-                                         'timm.create_model'):
-        DenoisedViT('dvt_vit_small_patch14_dinov2')
+    for pretrained in (False, True):  # with pretrained, found before anything is fetched
+        with pytest.raises(ValueError, match='this is a DenoisedViT already .*: build dvt_\\* models with '
+                                             'timm.create_model, or give DenoisedViT the plain backbone, '
+                                             'vit_small_patch14_dinov2.lvd142m'):
+            DenoisedViT('dvt_vit_small_patch14_dinov2', pretrained=pretrained)
+
+
+def test_a_model_that_is_not_a_vit_is_named_before_any_download(monkeypatch):
+    monkeypatch.setattr(timm.models._builder, 'load_pretrained', lambda *a, **k: pytest.fail('fetched weights'))
+    for name in ('swin_tiny_patch4_window7_224', 'resnet18'):
+        with pytest.raises(ValueError, match='is not a ViT with patch tokens'):
+            DenoisedViT(name, pretrained=True)
 
 
 def test_backbone_checkpoint_with_a_new_head_or_input_channels(vits_checkpoint):
