@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('convert', help="convert an authors' denoiser .pth to our format (config.json, model.safetensors, README.md)")
+    p = sub.add_parser('convert', help="convert an authors' denoiser .pth to our format "
+                                       "(config.json, model.safetensors, README.md)")
     p.add_argument('src', help="authors' denoiser file, e.g. vit_base_patch14_dinov2.lvd142m.pth")
     p.add_argument('out_dir', help='output directory')
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name the denoiser belongs to')

@@ -50,6 +50,7 @@ _SUPPORTED = ('DenoisedViT wraps timm VisionTransformer and Eva models such as D
 
 
 def _create_backbone(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    """`timm.create_model`, with a family that takes no `dynamic_img_size` named as not a ViT."""
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # every timm ViT takes dynamic_img_size; other families do not

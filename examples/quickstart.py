@@ -5,8 +5,8 @@
 
 The default model is dvt-timm's own ViT-S/14 denoiser, which ships with the package. Backbone weights:
 --backbone-checkpoint when given; else, for models on DINOv2 ViT-S/14, the one in $DVT_SHARED/weights (or
-../shared/weights next to the repository); else timm's pretrained weights from the Hugging Face Hub. Other --model tags fetch their
-denoiser from the Hub unless --denoiser-checkpoint is given.
+../shared/weights next to the repository); else timm's pretrained weights from the Hugging Face Hub. Other
+--model tags fetch their denoiser from the Hub unless --denoiser-checkpoint is given.
 """
 import argparse
 import os

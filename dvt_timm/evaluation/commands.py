@@ -50,7 +50,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (.safetensors / .pth)')
     p.add_argument('--denoiser-checkpoint', help="denoiser weights (authors' .pth or our directory)")
     p.add_argument('--no-pretrained', action='store_true',
-                   help='no pretrained weights, downloaded or shipped: parts without a checkpoint stay randomly initialised')
+                   help='no pretrained weights, downloaded or shipped: parts without a checkpoint stay randomly '
+                        'initialised')
     p.add_argument('--size', type=positive_int, nargs='+', default=[448], metavar='PX',
                    help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14)')
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per backbone pass (default 1)')

@@ -74,7 +74,8 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--images', required=True, help='image folder, one image, or text file listing image paths')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--preset', choices=sorted(PRESETS), default='paper',
-                   help="'paper' (default): the paper's settings, for a GPU; 'fast': the CPU preset (see docs/stage1.md)")
+                   help="'paper' (default): the paper's settings, for a GPU; 'fast': the CPU preset "
+                        "(see docs/stage1.md)")
     p.add_argument('--save-visuals', action='store_true', help='also write OUT/visuals/<stem>.png per image: '
                    'image, PCA of raw, PCA of F, G, |Δ|')
     g = p.add_argument_group('settings (override the preset)')

@@ -342,9 +342,9 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f'--lr must be positive, got {cfg.lr}')
     if cfg.eps <= 0:
         raise ValueError(f'--eps must be positive, got {cfg.eps}')
-    if not 0 <= cfg.min_lr <= (cfg.lr or default_lr(cfg.batch_size)):
-        raise ValueError(f'--min-lr must be between 0 and the peak learning rate '
-                         f'{cfg.lr or default_lr(cfg.batch_size):g}, got {cfg.min_lr:g}')
+    peak = cfg.lr or default_lr(cfg.batch_size)
+    if not 0 <= cfg.min_lr <= peak:
+        raise ValueError(f'--min-lr must be between 0 and the peak learning rate {peak:g}, got {cfg.min_lr:g}')
     if not 0 <= cfg.warmup_frac < 1:
         raise ValueError(f'--warmup-frac must be in [0, 1), got {cfg.warmup_frac}')
     if min(cfg.val_every, cfg.ckpt_every, cfg.log_every, cfg.workers) < 0:
