@@ -1,5 +1,6 @@
 """Stage 1: views and coordinates, ground-truth recovery, the API on real photos, the folder CLI."""
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -144,6 +145,28 @@ def image_folder(tmp_path, sample_images):
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / 'broken.jpg').write_bytes(b'not an image')
     return folder
+
+
+def test_denoise_images_under_torchrun_shares_the_images(tmp_path, sample_images, vits_checkpoint):
+    """Two ranks take alternate groups of images; together they write what one process writes, bit for bit."""
+    (tmp_path / 'list.txt').write_text(''.join(f'{p}\n' for p in sample_images[:4]))
+    common = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
+              '--images', str(tmp_path / 'list.txt'), '--preset', 'fast', '--views', '2', '--iterations', '20',
+              '--image-size', '56', '--batch-images', '1', '--dtype', 'fp32']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # the same float results in every process
+    one = subprocess.run([sys.executable, '-m', 'dvt_timm.cli', *common, '--out', str(tmp_path / 'one')],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          '-m', 'dvt_timm.cli', *common, '--out', str(tmp_path / 'two')],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count('stage 1: 2 done, 0 skipped (already done), 0 failed') == 2  # each rank its half
+    names = sorted(p.name for p in (tmp_path / 'one').glob('*.safetensors'))
+    assert len(names) == 4 and sorted(p.name for p in (tmp_path / 'two').iterdir()) == names  # no temp files
+    for name in names:
+        a, b = read_stage1(tmp_path / 'one' / name), read_stage1(tmp_path / 'two' / name)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), name
 
 
 def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_checkpoint):
