@@ -149,7 +149,7 @@ def image_folder(tmp_path, sample_images):
 
 def test_denoise_images_under_torchrun_shares_the_images(tmp_path, sample_images, vits_checkpoint):
     """Two ranks take alternate groups of images; together they write what one process writes, bit for bit."""
-    (tmp_path / 'list.txt').write_text(''.join(f'{p}\n' for p in sample_images[:4]))
+    (tmp_path / 'list.txt').write_text(''.join(f'{p.resolve()}\n' for p in sample_images[:4]))
     common = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
               '--images', str(tmp_path / 'list.txt'), '--preset', 'fast', '--views', '2', '--iterations', '20',
               '--image-size', '56', '--batch-images', '1', '--dtype', 'fp32']
