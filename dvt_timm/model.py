@@ -354,8 +354,8 @@ class DenoisedViT(
     # ----------------------------------------------------------------- forward
     def _grid(self, x: torch.Tensor) -> Tuple[int, int]:
         """Validate an image batch and return its patch grid (h, w)."""
-        if x.ndim != 4:
-            raise ValueError(f'expected images of shape (B, C, H, W), got {tuple(x.shape)}')
+        if x.ndim != 4 or not len(x):
+            raise ValueError(f'expected images of shape (B, C, H, W) with B >= 1, got {tuple(x.shape)}')
         if x.shape[1] != self.in_chans:
             raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})')
         dtype = self.backbone.patch_embed.proj.weight.dtype

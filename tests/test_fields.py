@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -120,6 +121,8 @@ def test_denoise_images_names_bad_arguments(plain_vits):
         denoise_image(plain_vits, torch.zeros(3, 28, 28, dtype=torch.uint8), settings='fast')
     with pytest.raises(ValueError, match='holds NaN or inf'):
         denoise_image(plain_vits, torch.full((3, 28, 28), float('nan')), settings='fast')
+    with pytest.raises(ValueError, match='ResNet is not a ViT with patch tokens'):
+        denoise_image(timm.create_model('resnet18'), torch.zeros(3, 28, 28), settings='fast')
 
 
 def test_denoise_images_cli_fails_when_no_image_could_be_processed(tmp_path, vits_checkpoint, capsys):

@@ -124,6 +124,8 @@ def test_input_checks(model, photos):
         model.feature_map(photos[:, :, :260])
     with pytest.raises(ValueError, match='shape'):
         model.feature_map(photos[0])
+    with pytest.raises(ValueError, match=r'with B >= 1, got \(0, 3, 266, 350\)'):
+        model.feature_map(photos[:0])
     # Pixels as loaded (uint8) or in another precision: named, not torch's "Input type ... and bias type".
     for dtype in (torch.uint8, torch.float64):
         with pytest.raises(ValueError, match=f'expected torch.float32 images normalised .*, got {dtype}'):

@@ -17,7 +17,9 @@ ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    return model.backbone if isinstance(model, DenoisedViT) else model
+    backbone = model.backbone if isinstance(model, DenoisedViT) else model
+    DenoisedViT._check_backbone(backbone)  # a ResNet is named here, not by an AttributeError deep inside
+    return backbone
 
 
 def resolve_settings(settings: Union[None, str, FieldSettings], patch_size: int) -> FieldSettings:
