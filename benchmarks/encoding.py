@@ -1,14 +1,19 @@
-"""Microbenchmark of the multi-field hash-grid encoding (stage 1): torch reference vs fused Triton vs tcnn.
+"""Microbenchmark of the multi-field hash-grid encoding (stage 1): torch reference vs fused Triton vs tcnn,
+and of one optimizer step on its tables: torch's dense fused Adam vs `HashTableAdam`.
 
-For the default config (16 levels, F=8, 2^20 table, resolution 16->1024) and a few (fields x samples)
-sizes, prints the median time of a forward (autograd on, as in training) and of forward+backward
-(param grads set to None first, as `zero_grad(set_to_none=True)` does), plus the fused/reference
-speed-ups. All backends run on the same parameters. On a machine without a CUDA GPU only the torch
-reference is timed (on the CPU).
+For the paper preset's grid (16 levels, F=8, 2^20 table, resolution 16->1024; `--grid fast` for the CPU
+preset's) and a few (fields x samples) sizes, prints the median time of a forward (autograd on, as in
+training) and of forward+backward (param grads set to None first, as `zero_grad(set_to_none=True)` does),
+plus the fused/reference speed-ups. All backends run on the same parameters. On a machine without a CUDA
+GPU only the torch reference is timed (on the CPU).
 
-    python benchmarks/encoding.py [--iters N] [--sizes 32x2048,8x8192] [--threads N]
+    python benchmarks/encoding.py [--iters N] [--sizes 32x2048,8x8192] [--threads N] [--grid paper|fast]
 
-`bench_encoding(device, ...)` returns the numbers as a dict for other scripts (benchmarks/stage1.py).
+The optimizer step is timed on the gradient of a real forward+backward (the same fields and samples), so the
+share of table values it touches is the one stage 1 sees.
+
+`bench_encoding(device, ...)` and `bench_table_adam(device, ...)` return the numbers as dicts for other
+scripts (benchmarks/stage1.py).
 """
 import argparse
 import statistics
@@ -17,7 +22,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from dvt_timm.fields import PRESETS
 from dvt_timm.fields.encoding import HashGridConfig, MultiHashGrid, has_tcnn, has_triton
+from dvt_timm.fields.table_adam import HashTableAdam
 
 
 def _timer(device: torch.device):
@@ -99,6 +106,43 @@ def bench_encoding(
             'times': times, 'speedup': speedup}
 
 
+def bench_table_adam(device: str = 'cuda', config: Optional[HashGridConfig] = None, n_fields: int = 32,
+                     n_samples: int = 2048, iters: int = 20, warmup: int = 3, seed: int = 0) -> Dict:
+    """Median seconds of one optimizer step on the tables of `n_fields` fields, with the gradient of
+    `n_samples` samples per field: torch's fused Adam over every value ('dense') vs `HashTableAdam`
+    ('sparse'). Returns ``{'device', 'n_fields', 'n_samples', 'touched', 'times': {'dense', 'sparse'}}``,
+    'touched' being the share of values with a non-zero gradient."""
+    device = torch.device(device)
+    config = config or HashGridConfig()
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    enc = MultiHashGrid(config, n_fields=n_fields).to(device)
+    coords = torch.rand(n_fields, n_samples, 2, generator=g).to(device)
+    enc(coords).backward(torch.randn(n_fields, n_samples, config.output_dim, generator=g).to(device))
+    grad = enc.params.grad
+    timer = _timer(device)
+    hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-15, weight_decay=1e-5)
+    times = {}
+    for name, make in (('dense', lambda p: torch.optim.Adam([p], fused=True, **hp)),
+                       ('sparse', lambda p: HashTableAdam([p], **hp))):
+        param = torch.nn.Parameter(enc.params.detach().clone())
+        param.grad = grad
+        opt = make(param)
+        for _ in range(warmup):
+            opt.step()
+        times[name] = statistics.median(timer(opt.step) for _ in range(iters))
+        del opt, param
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    return {'device': name, 'n_fields': n_fields, 'n_samples': n_samples, 'touched': grad.ne(0).float().mean().item(),
+            'times': times}
+
+
+def format_table_adam(res: Dict) -> str:
+    t = res['times']
+    return (f'  table Adam step, {res["n_fields"]} fields, gradient of {res["n_samples"]} samples each '
+            f'({100 * res["touched"]:.1f}% of the values): dense fused Adam {t["dense"] * 1e3:.3f} ms, '
+            f'HashTableAdam {t["sparse"] * 1e3:.3f} ms ({t["dense"] / t["sparse"]:.1f}x)')
+
+
 def format_result(res: Dict) -> str:
     lines = [f'  {res["n_fields"]} fields x {res["n_samples"]} samples ({res["iters"]} iters, medians)']
     for name, t in res['times'].items():
@@ -119,6 +163,7 @@ def main() -> None:
     parser.add_argument('--sizes', type=str, default=None,
                         help='comma-separated FIELDSxSAMPLES (default: 32x2048,8x8192, plus 64x4096 on GPU)')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
+    parser.add_argument('--grid', choices=sorted(PRESETS), default='paper', help="the preset's hash grid (default: paper)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +172,7 @@ def main() -> None:
     device = 'cuda' if cuda else 'cpu'
     iters = args.iters or (50 if cuda else 5)
     sizes = _parse_sizes(args.sizes) if args.sizes else ((32, 2048), (8, 8192)) + (((64, 4096),) if cuda else ())
-    cfg = HashGridConfig()
+    cfg = PRESETS[args.grid].hash
     backends = available_backends(torch.device(device))
     print(f'hash grid: {cfg.n_levels} levels x F={cfg.n_features_per_level}, 2^{cfg.log2_hashmap_size} table, '
           f'resolution {cfg.base_resolution}->{cfg.finest_resolution}, {cfg.n_params_per_field:,} entries/field, fp32')
@@ -136,6 +181,9 @@ def main() -> None:
         if i == 0:
             print(f'device: {res["device"]}; backends: {", ".join(backends)}')
         print(format_result(res))
+        # On the CPU at most 4 fields: the Adam state of 32 paper-grid tables alone would take 10 GB there.
+        print(format_table_adam(bench_table_adam(device, cfg, n_fields if cuda else min(n_fields, 4), n_samples,
+                                                 iters=iters, warmup=3 if cuda else 1)))
     if not cuda:
         print('no CUDA GPU: the fused Triton kernel (and tcnn) were not measured; only the torch reference ran')
     elif 'triton' not in backends:

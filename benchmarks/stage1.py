@@ -3,10 +3,13 @@
 * CPU: seconds per image of the `fast` preset on ViT-S/14 at 448 px (real photos from $DVT_SHARED when
   set, else the bundled sample photos), split into feature extraction and field optimisation.
 * CUDA GPU, when present: the paper's settings (768 views, 20k iterations, 518 px) on
-  vit_base_patch14_dinov2 with random weights (timing only), amortised over a batch of images; and
-  the fused Triton hash-grid kernel against the PyTorch reference, forward and backward.
+  vit_base_patch14_dinov2 with random weights (timing only), TF32 matmuls as the CLI's default,
+  amortised over a batch of images; with
+  `--dense-table-adam` also with the table stepped by a dense Adam (the authors' code) instead of
+  `HashTableAdam`; the fused Triton hash-grid kernel against the PyTorch reference, forward and backward;
+  and one table Adam step, dense vs `HashTableAdam`.
 
-    python benchmarks/stage1.py [--cpu-images 4] [--gpu-images 16] [--threads N]
+    python benchmarks/stage1.py [--cpu-images 4] [--gpu-images 16] [--threads N] [--dense-table-adam]
 """
 import argparse
 import os
@@ -21,7 +24,7 @@ from dvt_timm.data import image_to_tensor, list_images, load_image
 from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
 
 sys.path.insert(0, str(Path(__file__).parent))
-from encoding import bench_encoding, format_result  # noqa: E402
+from encoding import bench_encoding, bench_table_adam, format_result, format_table_adam  # noqa: E402
 
 
 def _photos(n: int):
@@ -66,6 +69,8 @@ def main() -> None:
     parser.add_argument('--cpu-images', type=int, default=4, help='images in the CPU batch')
     parser.add_argument('--gpu-images', type=int, default=16, help='images in the GPU batch (paper settings)')
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--dense-table-adam', action='store_true',
+                        help='GPU: also time the paper settings with a dense Adam on the hash tables')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,14 +87,18 @@ def main() -> None:
         print('no CUDA GPU: the paper-settings GPU timing and the fused-kernel ratio were not measured')
         return
     device = torch.device('cuda')
+    torch.set_float32_matmul_precision('high')  # TF32 for the fields' MLPs, as `dvt-timm denoise-images` does
     paper = PRESETS['paper'].with_overrides(image_size=518)
     big = DenoisedViT('vit_base_patch14_dinov2')
     images = [torch.randn(3, 518, 518) for _ in range(args.gpu_images)]
-    r = time_stage1(big, images, paper, device, extract_batch=64)
     print(f'{torch.cuda.get_device_name()}: paper settings ({paper.n_views} views, {paper.iterations} iterations, '
           f'518 px) on vit_base_patch14_dinov2, batch of {len(images)} images:')
-    print(f'  {r["total"]:.2f} s/image amortised  (extraction {r["extract"]:.2f} s, optimisation {r["optimise"]:.2f} s)')
+    for sparse in (True, False) if args.dense_table_adam else (True,):
+        r = time_stage1(big, images, paper.with_overrides(sparse_table_adam=sparse), device, extract_batch=64)
+        print(f'  {r["total"]:.2f} s/image amortised  (extraction {r["extract"]:.2f} s, optimisation '
+              f'{r["optimise"]:.2f} s){"" if sparse else ", dense table Adam"}', flush=True)
     print(format_result(bench_encoding(device, n_fields=32, n_samples=2048)))
+    print(format_table_adam(bench_table_adam(device, n_fields=32, n_samples=2048)))
 
 
 if __name__ == '__main__':

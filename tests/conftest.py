@@ -20,6 +20,13 @@ def skip_or_fail_under_ci(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_triton() -> None:
+    """Skip without triton; torch's Linux wheels bring it, so under CI its absence is a broken install."""
+    from dvt_timm.fields.encoding import has_triton
+    if not has_triton():
+        skip_or_fail_under_ci('triton is not installed')
+
+
 def shared_path(*parts: str) -> Path:
     """A path under $DVT_SHARED; skips (or fails, under CI) when it is not there."""
     root = os.environ.get('DVT_SHARED')

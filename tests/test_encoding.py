@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import skip_or_fail_under_ci
+from conftest import require_triton
 from dvt_timm.fields.encoding import (
     HashGridConfig, MultiHashGrid, grid_index, has_tcnn, has_triton, hash_grid_torch)
 from dvt_timm.fields import PRESETS
@@ -26,12 +26,6 @@ from dvt_timm.fields import PRESETS
 REPO = Path(__file__).resolve().parents[1]
 U32 = 2 ** 32
 PRIME = 2654435761
-
-
-def _require_triton() -> None:
-    # torch's Linux wheels bring triton, so under CI its absence is a broken install, not a reason to skip.
-    if not has_triton():
-        skip_or_fail_under_ci('triton is not installed')
 
 
 # Two levels, F=2, a 16-entry table: level 0 is a dense 4x4 grid (scale 3), level 1 an 8x8 grid (scale 7)
@@ -254,7 +248,7 @@ def test_backend_selection():
 
 def test_auto_backend_falls_back_when_the_kernel_cannot_run(monkeypatch, caplog):
     """Triton builds its launcher with a C compiler on first use; without one, 'auto' must not fail the run."""
-    _require_triton()
+    require_triton()
     from dvt_timm.fields import encoding, encoding_triton
 
     def no_compiler(*args):
@@ -352,7 +346,7 @@ _INTERPRETER_CHECK = textwrap.dedent('''
 
 
 def test_triton_matches_reference_interpreter():
-    _require_triton()  # the kernels' only check on a CPU: Triton's interpreter
+    require_triton()  # the kernels' only check on a CPU: Triton's interpreter
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, '-c', _INTERPRETER_CHECK], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -384,10 +378,10 @@ def _compile_for_gpu(kernel, args: tuple, constants: dict, arch: int):
     signature, attrs = {}, {}
     for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
         if isinstance(value, torch.Tensor):
-            signature[name] = '*' + {torch.float32: 'fp32', torch.int64: 'i64'}[value.dtype]
+            signature[name] = '*' + {torch.float32: 'fp32', torch.int64: 'i64', torch.int32: 'i32'}[value.dtype]
         else:
-            signature[name] = 'i32'
-        if isinstance(value, torch.Tensor) or value % 16 == 0:
+            signature[name] = 'fp32' if isinstance(value, float) else 'i32'
+        if isinstance(value, torch.Tensor) or isinstance(value, int) and value % 16 == 0:
             attrs[(i,)] = [['tt.divisibility', 16]]
     signature.update({name: 'constexpr' for name in constants})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -396,9 +390,10 @@ def _compile_for_gpu(kernel, args: tuple, constants: dict, arch: int):
 
 @pytest.mark.parametrize('arch', [80, 90])
 def test_triton_kernels_compile_for_cuda(arch):
-    """The interpreter runs the kernels as Python, so only a real compile catches what fails on a GPU
-    (types, layouts, atomics); this one runs without a GPU, for A100 (sm_80) and H100 (sm_90)."""
-    _require_triton()
+    """The interpreter runs the kernels (and the table's Adam step) as Python, so only a real compile catches
+    what fails on a GPU (types, layouts, atomics); this one runs without a GPU, for A100 (sm_80) and H100
+    (sm_90)."""
+    require_triton()
     import re
     from dvt_timm.fields import encoding_triton as et
 
@@ -423,6 +418,14 @@ def test_triton_kernels_compile_for_cuda(arch):
             assert re.search(r'ld\.global\S*\.v4\.b32', fwd_ptx), 'forward gathers are not 16-byte vector loads'
             assert re.search(r'atom\.global\S*\.add\.v4\.f32', bwd_ptx), 'backward atomics are not v4'
             assert 'bar.sync' not in fwd_ptx and 'bar.sync' not in bwd_ptx, 'a layout conversion through shared memory'
+    # HashTableAdam's step on the paper grid's table of 16 fields: the gradient, which it reads in full, moves
+    # as 16-byte vectors; the rest is loaded and stored only where the gradient is non-zero.
+    table = torch.zeros(16 * PRESETS['paper'].hash.n_params_per_field * 8)
+    args = (table, table, table, table, table.int(), table.numel(), 0.01, 0.9, 0.99, -0.15, -0.0145, 1e-15, 1e-5)
+    adam = _compile_for_gpu(et._adam_touched_kernel, args, dict(BLOCK=et._ADAM_BLOCK), arch)
+    assert adam.asm['cubin'], arch
+    if arch == 90:
+        assert re.search(r'ld\.global\S*\.v4\.b32', adam.asm['ptx']), 'gradient loads are not 16-byte vectors'
 
 
 def _compare_on_cuda(backend: str) -> None:

@@ -39,11 +39,13 @@ def _run(args: argparse.Namespace) -> None:
         raise ValueError(f'no images found in {args.images}')
     overrides = dict(n_views=args.views, iterations=args.iterations, samples_per_step=args.samples_per_step,
                      full_view_share=args.full_view_share, lr=args.lr, image_size=args.image_size, seed=args.seed,
-                     amp=args.amp)
+                     amp=args.amp, sparse_table_adam=args.sparse_table_adam)
     settings = PRESETS[args.preset].with_overrides(**overrides)  # a bad value fails before the model loads
     model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
     settings = resolve_settings(settings, model.patch_size)
     device = _device(args.device)
+    if args.tf32:  # the MLPs' fp32 matmuls are most of a paper-settings step's arithmetic (docs/stage1.md)
+        torch.set_float32_matmul_precision('high')
     on_cpu = device is None or device.type == 'cpu'
     if on_cpu and args.preset == 'paper' and args.views is None and args.iterations is None:
         _logger.warning('the paper preset (%d views, %d steps) is meant for a GPU; on a CPU use --preset fast',
@@ -90,10 +92,17 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument('--seed', type=int, help='run seed; each image draws its views and samples from it and its stem')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast for feature extraction (default: preset / on for CUDA)')
+    g.add_argument('--sparse-table-adam', action=argparse.BooleanOptionalAction, default=None,
+                   help="Adam skips hash-table values a step gave no gradient, as tiny-cuda-nn's Adam does "
+                        "(default: on for --preset paper, off for fast; off steps the whole table, as the "
+                        "authors' code does)")
     r = p.add_argument_group('run')
     r.add_argument('--batch-images', type=positive_int, default=4, help='images optimised together (default: 4)')
     r.add_argument('--dtype', choices=('fp16', 'fp32'), default='fp16', help='stored feature precision (default: fp16)')
     r.add_argument('--device', help='default: cuda:LOCAL_RANK when available, else cpu')
     r.add_argument('--backend', choices=('auto', 'torch', 'triton', 'tcnn'), default='auto',
                    help='hash-grid encoding backend')
+    r.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: fp32 matmuls (the fields' MLPs) on TF32 tensor cores, "
+                        "torch.set_float32_matmul_precision('high') (default: on)")
     p.set_defaults(func=_run)

@@ -10,7 +10,7 @@ a result depends on the image and the seed only.
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,10 @@ from torch import nn
 
 from ..losses import distance
 from .encoding import HashGridConfig, MultiHashGrid
+from .table_adam import HashTableAdam
 
 __all__ = [
-    'FieldSettings', 'PRESETS', 'ImageFields', 'Decomposition', 'decompose', 'image_seed',
+    'FieldSettings', 'PRESETS', 'ImageFields', 'Decomposition', 'decompose', 'field_optimizers', 'image_seed',
     'sample_indices',
 ]
 
@@ -37,6 +38,9 @@ class FieldSettings:
     betas: Tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     weight_decay: float = 1e-5
+    # Adam skips hash-table values without a gradient in a step (tiny-cuda-nn's rule, `HashTableAdam`); the
+    # authors' code steps the whole table (False), which bounds a paper-settings step by memory bandwidth.
+    sparse_table_adam: bool = True
     warmup_frac: float = 0.1  # linear warm-up, then cosine ...
     final_lr_frac: float = 0.1  # ... to lr * final_lr_frac (official code: 1e-2 -> 1e-3)
     residual_weight: float = 0.1  # phase 2: weight of MSE(Δ, sg(y - F - G))
@@ -72,9 +76,11 @@ PRESETS = {
     # big objects as texture). With lr 0.03 it was the only setting at or above raw on both kNN banks of
     # VOC and COCO in benchmarks/stage1_knn.py (a quarter fell short on COCO's patch bank); over other
     # seeds and through the CLI F stays within about half a point of raw, sometimes below (docs/stage1.md).
+    # Its small table is 21% touched per step, where the dense fused Adam (2.7 ms a step for 8 images)
+    # beats gathering the touched values on the CPU (38 ms); F's kNN scores are the same either way (docs/stage1.md).
     'fast': FieldSettings(
         image_size=448, n_views=36, iterations=300, samples_per_step=1024, full_view_share=0.5, lr=0.03,
-        amp=True,
+        sparse_table_adam=False, amp=True,
         hash=HashGridConfig(n_levels=8, n_features_per_level=8, log2_hashmap_size=15, base_resolution=16,
                             finest_resolution=256)),
 }
@@ -181,6 +187,16 @@ def _lr_lambda(settings: FieldSettings):
     return fn
 
 
+def field_optimizers(fields: ImageFields, settings: FieldSettings) -> List[torch.optim.Optimizer]:
+    """Adam over every parameter of `fields`; with `sparse_table_adam` the hash table gets `HashTableAdam`."""
+    hp = dict(lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+    if not settings.sparse_table_adam:
+        return [torch.optim.Adam(fields.parameters(), fused=True, **hp)]
+    table = fields.encoding.params
+    return [torch.optim.Adam([p for p in fields.parameters() if p is not table], fused=True, **hp),
+            HashTableAdam([table], **hp)]
+
+
 def decompose(
         features: torch.Tensor,
         coords: torch.Tensor,
@@ -202,9 +218,8 @@ def decompose(
     B, V, K, _, C = features.shape
     device = features.device
     fields = ImageFields(seeds, C, K, settings.hash, backend).to(device)
-    opt = torch.optim.Adam(fields.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                           weight_decay=settings.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings))
+    opts = field_optimizers(fields, settings)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(settings)) for o in opts]
     feats = features.reshape(B, V * K * K, C)
     xy = coords.reshape(B, V * K * K, 2).to(device)
     seed_t = torch.tensor(seeds, dtype=torch.int64, device=device)
@@ -226,10 +241,12 @@ def decompose(
             loss = (distance(f + g + d.detach(), y)
                     + settings.residual_weight * (d - (y - f - g).detach()).square().mean((1, 2))
                     + settings.sparsity_weight * d.abs().mean((1, 2)))
-        opt.zero_grad(set_to_none=True)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         loss.sum().backward()
-        opt.step()
-        sched.step()
+        for o, sc in zip(opts, scheds):
+            o.step()
+            sc.step()
         if progress is not None and (step + 1) % 100 == 0:
             progress(step + 1)
 

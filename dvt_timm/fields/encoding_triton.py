@@ -1,4 +1,5 @@
-"""Fused Triton kernels for `MultiHashGrid`: forward gather + bilinear blend, backward atomic scatter.
+"""Fused Triton kernels for `MultiHashGrid`: forward gather + bilinear blend, backward atomic scatter, and
+the `HashTableAdam` step on its table.
 
 One launch covers every field, sample and level: the grid is (cdiv(n_fields * N, BLOCK), n_levels),
 each program handling BLOCK consecutive (field, sample) rows at one level. Keeping the level in
@@ -14,6 +15,7 @@ Import this module only where triton is installed (`encoding.has_triton()` guard
 set ``TRITON_INTERPRET=1`` before triton is first imported and pass CPU tensors.
 """
 import contextlib
+import math
 
 import torch
 import triton
@@ -21,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ['hash_grid_triton']
+__all__ = ['hash_grid_triton', 'adam_step_touched_triton']
 
 
 @triton.jit
@@ -193,3 +195,50 @@ class _HashGridFunction(torch.autograd.Function):
 def hash_grid_triton(params: Tensor, coords: Tensor, level_scale: Tensor, level_table: Tensor) -> Tensor:
     """Fused multi-field hash-grid encoding; same contract as `encoding.hash_grid_torch` (fp32 params)."""
     return _HashGridFunction.apply(params, coords, level_scale, level_table)
+
+
+@triton.jit
+def _adam_touched_kernel(
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, steps_ptr, n,
+        lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+        BLOCK: tl.constexpr,
+):
+    # A value whose gradient is exactly zero costs the load of that gradient and nothing else: the other
+    # loads and the stores are masked off, as tiny-cuda-nn's adam_step returns early.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(grad_ptr + offs, mask=offs < n, other=0.0)
+    live = (offs < n) & (g != 0.0)
+    p = tl.load(param_ptr + offs, mask=live, other=0.0)
+    m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
+    t = tl.load(steps_ptr + offs, mask=live, other=0) + 1
+    g += weight_decay * p
+    m += (1.0 - beta1) * (g - m)
+    v = beta2 * v + (1.0 - beta2) * g * g
+    tf = t.to(tl.float32)
+    bias1 = 1.0 - tl.exp2(tf * log2_beta1)
+    bias2_sqrt = tl.sqrt(1.0 - tl.exp2(tf * log2_beta2))
+    p -= (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    tl.store(param_ptr + offs, p, mask=live)
+    tl.store(exp_avg_ptr + offs, m, mask=live)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=live)
+    tl.store(steps_ptr + offs, t, mask=live)
+
+
+_ADAM_BLOCK = 1024  # 8 values per thread at 4 warps: two 16-byte vectors per tensor
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf  # beta**t = exp2(t * log2(beta)); 0**t = 0
+
+
+def adam_step_touched_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor,
+                             lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """Fused `table_adam.adam_step_touched` (contiguous fp32 tensors, int32 `steps`)."""
+    n = param.numel()
+    if not n:
+        return
+    with torch.cuda.device(param.device) if param.device.type == 'cuda' else contextlib.nullcontext():
+        _adam_touched_kernel[(triton.cdiv(n, _ADAM_BLOCK),)](
+            param, grad, exp_avg, exp_avg_sq, steps, n, float(lr), float(beta1), float(beta2), _log2(beta1),
+            _log2(beta2), float(eps), float(weight_decay), BLOCK=_ADAM_BLOCK, num_warps=_NUM_WARPS)

@@ -51,10 +51,23 @@ def visuals_dir(out_dir: Path) -> Path:
     return out_dir / 'visuals'
 
 
+# Settings added after outputs were first written, with the value those older outputs were made with.
+_SETTINGS_BEFORE_THEY_EXISTED = {'sparse_table_adam': False}
+
+
 def _comparable(key: str, value: Optional[str]) -> Optional[str]:
     # `--model dvt_vit_small_patch14_dinov2` records vit_small_patch14_dinov2.lvd142m; a re-run naming the
     # backbone itself, without its default tag, is the same model.
-    return with_default_tag(value) if key == 'model' and value else value
+    if key == 'model' and value:
+        return with_default_tag(value)
+    if key == 'settings' and value:  # an older output lacks the newer settings: it was made without them
+        try:
+            settings = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(settings, dict):
+            return json.dumps({**_SETTINGS_BEFORE_THEY_EXISTED, **settings}, sort_keys=True)
+    return value
 
 
 def _finished(path: Path, expected: Dict[str, str]) -> bool:
@@ -77,7 +90,7 @@ def _difference(key: str, theirs: Optional[str], ours: str) -> str:
     """One differing metadata entry in words; for the settings JSON, each field that differs."""
     if key == 'settings':
         try:
-            a, b = json.loads(theirs or '{}'), json.loads(ours)
+            a, b = json.loads(_comparable(key, theirs) or '{}'), json.loads(_comparable(key, ours))
         except ValueError:  # unreadable settings: named as a whole below
             a = b = None
         if isinstance(a, dict) and isinstance(b, dict):
