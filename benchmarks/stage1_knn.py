@@ -10,14 +10,21 @@ per-position mean, mean |cos| with the zero-input map), the cosine of F + G with
 G (the positional term alone removed, no field in between) and the mean norms of raw, G and raw - F - G
 (what the field does not fit), and, with the first seed, raw + G, G alone and G averaged over the images (how
 much class information the positional term itself carries on the set). With several `--seed-offsets`, a last
-row scores F averaged over them.
+row scores F averaged over them. `--table-adam dense sparse` runs every row with both table optimizers (torch's
+Adam over the whole hash table, `HashTableAdam`), and `--grid paper --iterations N --images N` the paper's hash
+grid on a few images; where a row has several F maps, their mutual agreement (mean centred cosine) is printed.
 
     DVT_SHARED=../shared python benchmarks/stage1_knn.py [--data voc_val_samples] [--cache /tmp/dvt_knn_cache]
     DVT_SHARED=../shared python benchmarks/stage1_knn.py --data coco_train_semseg --ignore-index 0 --rows 4 2
     DVT_SHARED=../shared python benchmarks/stage1_knn.py --rows 4 --seed-offsets 0 1 2   # run-to-run spread
+    DVT_SHARED=../shared python benchmarks/stage1_knn.py --rows 4 --seed-offsets 0 1 --table-adam dense sparse
+    DVT_SHARED=../shared python benchmarks/stage1_knn.py --rows 2 --grid paper --iterations 1000 --images 6 \\
+        --seed-offsets 0 1 --table-adam dense sparse   # the paper's hash grid: does HashTableAdam change F?
 """
 import argparse
+import itertools
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +37,9 @@ from dvt_timm.checkpoint import atomic_write
 from dvt_timm.data import image_to_tensor, load_image
 from dvt_timm.evaluation import LabeledFolder, knn_segmentation, variance_share, zero_input_cosine, zero_input_map
 from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stage1_presets import centred_cos  # noqa: E402
 
 CANDIDATES = {
     'lr 0.01, full-view share 0 (fast, first)': dict(lr=0.01, full_view_share=0.0),
@@ -68,10 +78,16 @@ def main() -> None:
     parser.add_argument('--seed-offsets', type=int, nargs='+', default=[0],
                         help="also re-run each row with the images' optimisation seeds shifted by these (same views): "
                              "how much F's scores move from one optimisation to another")
+    parser.add_argument('--table-adam', choices=('dense', 'sparse'), nargs='+', default=['dense'],
+                        help="the hash table's optimizer: torch's Adam over the whole table (the fast preset's) or "
+                             "HashTableAdam; with both, every row runs with each (default: dense)")
+    parser.add_argument('--grid', choices=sorted(PRESETS), default='fast', help="this preset's hash grid (default: fast)")
+    parser.add_argument('--iterations', type=int, help="every row's optimisation steps (default: the fast preset's)")
+    parser.add_argument('--images', type=int, help='only the first N images of the set')
     args = parser.parse_args()
     shared = Path(os.environ['DVT_SHARED'])
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
-    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index)
+    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index, limit=args.images)
     fast = PRESETS['fast']  # the cache holds this preset's views: one folder per view count and size
     items = cached_views(model, folder, args.cache / args.data / f'{fast.n_views}views_{fast.image_size}px')
 
@@ -88,23 +104,29 @@ def main() -> None:
     print('|---|---|---|---|---|---|---|')
     print(f'| raw | {scores(raw)} | | |')
     rows = list(CANDIDATES.items())
+    grid = PRESETS[args.grid].hash
+    table_names = {'dense': 'dense Adam', 'sparse': 'HashTableAdam'}
     for name, overrides in [rows[i] for i in args.rows] if args.rows else rows:
-        settings = PRESETS['fast'].with_overrides(**overrides)
-        total = None  # sum of F over the seeds
-        for offset in args.seed_offsets:
+        if args.grid != 'fast' or args.iterations:
+            name += f', {args.grid} grid, {args.iterations or fast.iterations} steps'
+        maps = {}  # (table optimizer, seed offset) -> F
+        for table_adam, offset in itertools.product(args.table_adam, args.seed_offsets):
+            settings = fast.with_overrides(**overrides, hash=grid, iterations=args.iterations,
+                                           sparse_table_adam=table_adam == 'sparse')
             start, results = time.perf_counter(), []
-            for i in range(0, len(items), args.batch_images):
+            for i in tqdm(range(0, len(items), args.batch_images), desc='optimisation', leave=False):
                 batch = items[i:i + args.batch_images]
                 results.append(decompose(torch.stack([it['feats'].float() for it in batch]),
                                          torch.stack([it['coords'] for it in batch]),
                                          [(it['seed'] + offset) % 2 ** 63 for it in batch], settings, backend='torch'))
             seconds = (time.perf_counter() - start) / len(items)
             clean = torch.cat([r.denoised for r in results]).permute(0, 3, 1, 2)
-            total = clean if total is None else total + clean
+            maps[table_adam, offset] = clean
             artifact = torch.cat([r.artifact for r in results]).permute(0, 3, 1, 2)
             cos = F.cosine_similarity(clean + artifact, raw, dim=1).mean().item()
-            label = name + (f', seeds +{offset}' if offset else '')
-            print(f'| {label} (F) | {scores(clean)} | {cos:.3f} | {seconds:.1f} |', flush=True)
+            label = (name + (f', {table_names[table_adam]}' if len(args.table_adam) > 1 else '')
+                     + (f', seeds +{offset}' if offset else ''))
+            print(f'| {label} (F) | {scores(clean)} | {cos:.4f} | {seconds:.1f} |', flush=True)
             norms = [t.norm(dim=1).mean().item() for t in (raw, artifact, raw - clean - artifact)]
             print(f'| {label} (raw - G) | {scores(raw - artifact)} | | | norms: raw {norms[0]:.2f}, G {norms[1]:.2f}, '
                   f'raw - F - G {norms[2]:.2f}', flush=True)
@@ -115,10 +137,17 @@ def main() -> None:
                 print(f'| {label} (G alone) | {scores(artifact)} | | |', flush=True)
                 mean_g = artifact.mean(0).expand_as(artifact)
                 print(f'| {label} (mean G, one map for every image) | {scores(mean_g)} | | |', flush=True)
-        n = len(args.seed_offsets)
-        if n > 1:  # does averaging away the seed-to-seed fit error lift F's kNN?
-            print(f'| {name}, F averaged over the {n} seeds | {scores(total / n)} | | |', flush=True)
-
+        for table_adam in args.table_adam:
+            n = len(args.seed_offsets)
+            if n > 1:  # does averaging away the seed-to-seed fit error lift F's kNN?
+                mean_f = sum(maps[table_adam, o] for o in args.seed_offsets) / n
+                print(f'| {name}, {table_names[table_adam]}, F averaged over the {n} seeds | {scores(mean_f)} | | |',
+                      flush=True)
+        # How far apart do two optimizers, or two seeds, put F? (1 = the same map up to a per-channel offset)
+        for a, b in itertools.combinations(maps, 2):
+            agree = sum(centred_cos(x, y) for x, y in zip(maps[a].permute(0, 2, 3, 1), maps[b].permute(0, 2, 3, 1)))
+            print(f'  agreement of F, {table_names[a[0]]} seeds +{a[1]} vs {table_names[b[0]]} seeds +{b[1]}: '
+                  f'{agree / len(items):.4f}', flush=True)
 
 if __name__ == '__main__':
     main()
