@@ -218,7 +218,10 @@ def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_chec
     settings = PRESETS['fast'].with_overrides(n_views=3, iterations=150, image_size=112)
     api = denoise_image(model, next(image_folder.glob(f'{stem}.*')), settings=settings, keys=[stem])
     torch.testing.assert_close(raw_a, api.raw, rtol=0, atol=1e-5)
-    torch.testing.assert_close(den_a, api.denoised, rtol=1e-4, atol=1e-4)
+    # F is 150 optimisation steps away from its inputs, and the CLI optimised this image batched with another:
+    # CPU kernels may round differently with the batch size and from one CPU to another, so F agrees closely
+    # (measured: 5e-5 of its norm; F differs from raw by 17%), not bit for bit (two CLI runs do, above).
+    assert (den_a - api.denoised).norm() < 1e-3 * api.denoised.norm()
     assert (den_a - raw_a).norm() > 0.05 * raw_a.norm()  # F is not the raw map
 
 
