@@ -77,7 +77,7 @@ PRESETS = {
     # VOC and COCO in benchmarks/stage1_knn.py (a quarter fell short on COCO's patch bank); over other
     # seeds and through the CLI F stays within about half a point of raw, sometimes below (docs/stage1.md).
     # Its small table is 21% touched per step, where the dense fused Adam (2.7 ms a step for 8 images)
-    # beats gathering the touched values on the CPU (38 ms); F moves no more than with another seed (docs/stage1.md).
+    # beats gathering the touched values on the CPU (38 ms); F moves about as much as with another seed (docs/stage1.md).
     'fast': FieldSettings(
         image_size=448, n_views=36, iterations=300, samples_per_step=1024, full_view_share=0.5, lr=0.03,
         sparse_table_adam=False, amp=True,
