@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from dvt_timm import DenoisedViT
 from dvt_timm.checkpoint import atomic_write
+from dvt_timm.cli import positive_int
 from dvt_timm.data import image_to_tensor, load_image
 from dvt_timm.evaluation import LabeledFolder, knn_segmentation, variance_share, zero_input_cosine, zero_input_map
 from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
@@ -81,13 +82,16 @@ def main() -> None:
     parser.add_argument('--table-adam', choices=('dense', 'sparse'), nargs='+', default=['dense'],
                         help="the hash table's optimizer: torch's Adam over the whole table (the fast preset's) or "
                              "HashTableAdam; with both, every row runs with each (default: dense)")
-    parser.add_argument('--grid', choices=sorted(PRESETS), default='fast', help="this preset's hash grid (default: fast)")
-    parser.add_argument('--iterations', type=int, help="every row's optimisation steps (default: the fast preset's)")
-    parser.add_argument('--images', type=int, help='only the first N images of the set')
+    parser.add_argument('--grid', choices=sorted(PRESETS), default='fast',
+                        help="this preset's hash grid (default: fast)")
+    parser.add_argument('--iterations', type=positive_int,
+                        help="every row's optimisation steps (default: the fast preset's)")
+    parser.add_argument('--images', type=positive_int, help='only the first N images of the set')
     args = parser.parse_args()
     shared = Path(os.environ['DVT_SHARED'])
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
-    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index, limit=args.images)
+    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index,
+                           limit=args.images)
     fast = PRESETS['fast']  # the cache holds this preset's views: one folder per view count and size
     items = cached_views(model, folder, args.cache / args.data / f'{fast.n_views}views_{fast.image_size}px')
 
@@ -137,9 +141,9 @@ def main() -> None:
                 print(f'| {label} (G alone) | {scores(artifact)} | | |', flush=True)
                 mean_g = artifact.mean(0).expand_as(artifact)
                 print(f'| {label} (mean G, one map for every image) | {scores(mean_g)} | | |', flush=True)
-        for table_adam in args.table_adam:
-            n = len(args.seed_offsets)
-            if n > 1:  # does averaging away the seed-to-seed fit error lift F's kNN?
+        n = len(args.seed_offsets)
+        if n > 1:  # does averaging away the seed-to-seed fit error lift F's kNN?
+            for table_adam in args.table_adam:
                 mean_f = sum(maps[table_adam, o] for o in args.seed_offsets) / n
                 print(f'| {name}, {table_names[table_adam]}, F averaged over the {n} seeds | {scores(mean_f)} | | |',
                       flush=True)
@@ -148,6 +152,7 @@ def main() -> None:
             agree = sum(centred_cos(x, y) for x, y in zip(maps[a].permute(0, 2, 3, 1), maps[b].permute(0, 2, 3, 1)))
             print(f'  agreement of F, {table_names[a[0]]} seeds +{a[1]} vs {table_names[b[0]]} seeds +{b[1]}: '
                   f'{agree / len(items):.4f}', flush=True)
+
 
 if __name__ == '__main__':
     main()
