@@ -20,7 +20,7 @@ from dvt_timm.evaluation import (
 )
 from dvt_timm.evaluation.commands import add_evaluate_parser, format_table
 from dvt_timm.evaluation.linear_probe import fold_splits
-from dvt_timm.evaluation.scores import upsample_argmax
+from dvt_timm.evaluation.scores import bootstrap_miou, miou, upsample_argmax
 from dvt_timm.fields.outputs import write_stage1
 from dvt_timm.registry import load_model
 
@@ -160,6 +160,44 @@ def test_confusion_matrix_known_answer():
         cm.update(pred[:1], target)
 
 
+def test_bootstrap_miou_pairs_the_resamples():
+    g = torch.Generator().manual_seed(0)
+    target = [torch.randint(0, 4, (6, 6), generator=g) for _ in range(12)]
+    good, poor = ConfusionMatrix(4, keep_images=True), ConfusionMatrix(4, keep_images=True)
+    for t in target:
+        good.update(torch.where(torch.rand(t.shape, generator=g) < 0.9, t, (t + 1) % 4), t)
+        poor.update(torch.where(torch.rand(t.shape, generator=g) < 0.5, t, (t + 1) % 4), t)
+    per_image = {'raw': poor.image_matrices(), 'denoised': good.image_matrices()}
+    assert per_image['raw'].shape == (12, 4, 4) and torch.equal(per_image['raw'].sum(0), poor.matrix)
+    assert miou(poor.matrix).item() == pytest.approx(poor.scores()['miou'])
+    assert miou(per_image['raw'][0]).item() == pytest.approx(_scores_of(per_image['raw'][0])['miou'])
+    out = bootstrap_miou(per_image, baseline='raw', resamples=200, seed=1)
+    assert out == bootstrap_miou(per_image, baseline='raw', resamples=200, seed=1)
+    for name, cm in (('raw', poor), ('denoised', good)):
+        lo, hi = out[name]['miou_ci']
+        assert lo < cm.scores()['miou'] < hi
+    # Better on every image: the whole paired interval of the change is above zero.
+    assert out['denoised']['change_ci'][0] > 0 and out['denoised']['change_nonnegative'] == 1.0
+    assert 'change_ci' not in out['raw']
+    # The same predictions: the change is exactly zero in every resample.
+    same = bootstrap_miou({'raw': per_image['raw'], 'denoised': per_image['raw'].clone()}, 'raw', resamples=50)
+    assert same['denoised']['change_ci'] == (0.0, 0.0) and same['denoised']['change_nonnegative'] == 1.0
+    with pytest.raises(ValueError, match='same shape'):
+        bootstrap_miou({'raw': per_image['raw'], 'denoised': per_image['denoised'][:5]}, 'raw')
+    with pytest.raises(ValueError, match='baseline'):
+        bootstrap_miou(per_image, baseline='F')
+    with pytest.raises(ValueError, match='resamples'):
+        bootstrap_miou(per_image, resamples=0)
+    with pytest.raises(RuntimeError, match='keep_images'):
+        ConfusionMatrix(4).image_matrices()
+
+
+def _scores_of(matrix: torch.Tensor) -> dict:
+    cm = ConfusionMatrix(matrix.shape[0])
+    cm.matrix = matrix.clone()
+    return cm.scores()
+
+
 def test_corloc_known_answer():
     pred = [(0, 0, 10, 10), (0, 0, 10, 10), (50, 50, 60, 60)]
     gt = [[(0, 0, 10, 12)], [(20, 20, 30, 30), (1, 1, 10, 10)], [(0, 0, 5, 5)]]
@@ -202,6 +240,10 @@ def test_knn_known_answer_and_determinism(mode):
     assert knn_segmentation(shuffled, labels, 3, k=5, mode=mode)['miou'] < 0.7
     with pytest.raises(ValueError, match='do not match'):
         knn_segmentation(feats[:2], labels, 3)
+    # Per-image matrices (for the bootstrap): one per query image, adding up to the scored set.
+    kept = knn_segmentation(shuffled, labels, 3, k=5, mode=mode, per_image=True)
+    assert kept['image_matrices'].shape == (6, 3, 3)
+    assert miou(kept['image_matrices'].sum(0)).item() == pytest.approx(kept['miou'])
 
 
 def test_linear_probe_known_answer_and_determinism():
@@ -224,6 +266,9 @@ def test_linear_probe_folds_score_every_image_once():
     out = linear_probe(feats, labels, 3, steps=100, lr=0.1, seed=1, folds=4)
     assert out['test_images'] == 8 and out['split'] == '4-fold (seed 1)'
     assert out['miou'] > 0.9 and out == linear_probe(feats, labels, 3, steps=100, lr=0.1, seed=1, folds=4)
+    kept = linear_probe(feats, labels, 3, steps=100, lr=0.1, seed=1, folds=4, per_image=True)
+    assert kept['image_matrices'].shape == (8, 3, 3)
+    assert miou(kept['image_matrices'].sum(0)).item() == pytest.approx(out['miou'])
     with pytest.raises(ValueError, match='folds'):
         linear_probe(feats, labels, 3, folds=9)
 
@@ -392,7 +437,7 @@ def _evaluate(argv):
     ('--lost-expand', '0', 'must be at least 1'), ('--norm-k', '0', 'must be a number above 0'),
     ('--batch-size', '0', 'must be at least 1'), ('--size', '0', 'must be at least 1'),
     ('--min-box-area', '1.5', r'must be a share of the image in \[0, 1\], got 1.5'),
-    ('--temperature', 'nan', 'must be a number above 0, got nan'),
+    ('--temperature', 'nan', 'must be a number above 0, got nan'), ('--bootstrap', '0', 'must be at least 1'),
 ])
 def test_evaluate_command_refuses_bad_option_values(flag, value, message, capsys):
     with pytest.raises(SystemExit):
@@ -406,7 +451,7 @@ def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys, monkeypatch)
     argv = ['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--no-pretrained', '--data', str(data),
             '--size', '112', '--limit', '6', '--protocol', 'artifacts', 'knn', 'linear', 'lost', '--knn-mode',
             'centroid', 'patch', '--boxes-from-masks', '--probe-steps', '5', '--mic-images', '2', '--out', str(out),
-            '--cache', str(tmp_path / 'cache')]
+            '--cache', str(tmp_path / 'cache'), '--bootstrap', '100']
     loaded = []  # the model the command builds (its denoiser is random: --no-pretrained)
     monkeypatch.setattr('dvt_timm.evaluation.commands.load_model',
                         lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
@@ -421,6 +466,13 @@ def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys, monkeypatch)
         assert set(per_variant) == {'raw', 'denoised'}, key
     assert 0 <= results['knn-centroid']['raw']['miou'] <= 1 and results['linear']['raw']['test_images'] == 2
     assert 0 <= results['lost']['raw']['corloc'] <= 1 and results['artifacts']['raw']['zero_input_cosine'] > 0
+    # --bootstrap: intervals for the segmentation protocols only, printed and saved; the matrices are not saved.
+    assert 'intervals, images resampled' in printed and 'change [' in printed
+    for key in ('knn-centroid', 'knn-patch', 'linear'):
+        lo, hi = results[key]['raw']['miou_ci']
+        assert 0 <= lo <= hi <= 1, key
+        assert 'change_ci' in results[key]['denoised'] and 'image_matrices' not in results[key]['raw']
+    assert 'miou_ci' not in results['artifacts']['raw'] and 'miou_ci' not in results['lost']['raw']
     # Each column scores its own maps: the protocols called directly on the same model's features agree.
     folder = LabeledFolder(data, limit=6)
     fs = extract_features(loaded[0], folder.images, 112, names=folder.names, progress=False)

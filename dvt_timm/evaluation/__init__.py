@@ -8,12 +8,12 @@ from .labels import IGNORE, LabeledFolder, detect_label_format, find_label_pairs
 from .linear_probe import linear_probe
 from .lost import boxes_from_label, connected_components, lost_box, lost_discovery, read_boxes
 from .metrics import artifact_metrics, high_norm_stats, mic, positional_mic, variance_share, zero_input_cosine
-from .scores import ConfusionMatrix, box_iou, corloc
+from .scores import ConfusionMatrix, bootstrap_miou, box_iou, corloc, miou
 
 __all__ = [
     'FeatureSet', 'extract_features', 'load_stage1', 'zero_input_map',
     'IGNORE', 'LabeledFolder', 'detect_label_format', 'find_label_pairs', 'read_label', 'voc_colormap',
     'artifact_metrics', 'variance_share', 'zero_input_cosine', 'mic', 'positional_mic', 'high_norm_stats',
     'knn_segmentation', 'linear_probe', 'lost_box', 'lost_discovery', 'boxes_from_label', 'connected_components',
-    'read_boxes', 'ConfusionMatrix', 'box_iou', 'corloc',
+    'read_boxes', 'ConfusionMatrix', 'miou', 'bootstrap_miou', 'box_iou', 'corloc',
 ]

@@ -24,12 +24,14 @@ from .labels import LABEL_FORMATS, LabeledFolder, image_key, find_label_pairs
 from .linear_probe import linear_probe, probe_splits
 from .lost import boxes_from_label, lost_discovery, read_boxes
 from .metrics import artifact_metrics
+from .scores import bootstrap_miou
 
 __all__ = ['add_evaluate_parser', 'add_visualize_parser', 'run_evaluate', 'run_visualize',
-           'format_table']
+           'format_table', 'format_intervals']
 
 _logger = logging.getLogger(__name__)
 PROTOCOLS = ('artifacts', 'knn', 'linear', 'lost')
+BOOTSTRAP_LEVEL = 0.95
 # What the table shows per protocol: (result key, label, scale to percent?)
 _TABLE_ROWS = {
     'artifacts': [('variance_share', 'variance share of per-position mean', False),
@@ -110,6 +112,10 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument('--out', default='evaluation.json', help='JSON results file (default evaluation.json)')
     p.add_argument('--seed', type=int, default=0,
                    help='seed of splits, probe initialisation, batch order and weights without a checkpoint')
+    p.add_argument('--bootstrap', type=positive_int, metavar='RESAMPLES',
+                   help='kNN and linear probe: 95%% intervals of mIoU and of its change from raw, resampling the '
+                        'scored images this many times (e.g. 1000); paired, so the change is what the same '
+                        'images would give')
     g = p.add_argument_group('labels')
     g.add_argument('--labels', metavar='DIR', help='label folder, when not next to the images')
     g.add_argument('--labels-format', choices=LABEL_FORMATS, help='label format (default: detected)')
@@ -184,6 +190,21 @@ def format_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
                 row += f' {_fmt(vals[1] - vals[0], percent) if ok else "n/a":>10}'
             lines.append(row)
     return '\n'.join(lines)
+
+
+def format_intervals(results: Dict[str, Dict[str, Dict[str, Any]]], resamples: int) -> str:
+    """The bootstrap intervals of mIoU (%) per protocol and variant, and of the change from raw."""
+    lines = []
+    for key, per_variant in results.items():
+        parts = [f'{v} [{100 * r["miou_ci"][0]:.2f}, {100 * r["miou_ci"][1]:.2f}]'
+                 for v, r in per_variant.items() if 'miou_ci' in r]
+        parts += [f'change [{100 * r["change_ci"][0]:+.2f}, {100 * r["change_ci"][1]:+.2f}], >= 0 in '
+                  f'{100 * r["change_nonnegative"]:.0f}% of resamples'
+                  for r in per_variant.values() if 'change_ci' in r]
+        if parts:
+            lines.append(f'{key:<16} ' + '   '.join(parts) + f'   ({resamples} resamples)')
+    head = f'mIoU % {100 * BOOTSTRAP_LEVEL:.0f}% intervals, images resampled (paired):'
+    return '\n'.join([head] + lines) if lines else ''
 
 
 def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
@@ -275,16 +296,23 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             for mode in args.knn_mode:
                 results[f'knn-{mode}'] = {v: knn_segmentation(
                     fs.maps[v], labels, labeled.num_classes, k=args.k, temperature=args.temperature, mode=mode,
-                    holdout=args.knn_holdout, seed=args.seed, class_names=class_names, progress=True)
+                    holdout=args.knn_holdout, seed=args.seed, class_names=class_names, progress=True,
+                    per_image=bool(args.bootstrap))
                     for v in variants}
         elif protocol == 'linear':
             results['linear'] = {v: linear_probe(
                 fs.maps[v], labels, labeled.num_classes, holdout=args.probe_holdout, seed=args.seed,
-                folds=args.probe_folds, steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True)
-                for v in variants}
+                folds=args.probe_folds, steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True,
+                per_image=bool(args.bootstrap)) for v in variants}
         elif protocol == 'lost':
             results['lost'] = _run_lost(args, fs, labeled, labels, box_table, box_values)
         timing[f'{protocol}_s'] = time.perf_counter() - t0
+    for per_variant in results.values():  # kept only for the bootstrap, not written out
+        matrices = {v: r.pop('image_matrices') for v, r in per_variant.items() if 'image_matrices' in r}
+        if matrices:
+            baseline = 'raw' if len(matrices) > 1 else None
+            for v, ci in bootstrap_miou(matrices, baseline, args.bootstrap, BOOTSTRAP_LEVEL, args.seed).items():
+                per_variant[v].update(ci)
     timing['total_s'] = time.perf_counter() - t_start
 
     report = {
@@ -299,6 +327,8 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
           + (f', {labeled.num_classes} classes' if labeled is not None else '')
           + f' | features {t_features:.1f} s, total {timing["total_s"]:.1f} s')
     print(format_table(results))
+    if args.bootstrap:
+        print(format_intervals(results, args.bootstrap))
     text = json.dumps(report, indent=2, default=_json_default)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(f'wrote {args.out}')

@@ -99,6 +99,7 @@ def knn_segmentation(
         min_coverage: float = 0.5,
         class_names: Optional[Sequence[str]] = None,
         progress: bool = False,
+        per_image: bool = False,
 ) -> Dict[str, object]:
     """kNN segmentation of feature maps (N, C, h, w) against labels [(H_i, W_i)] (ids 0..K-1, -1 ignored).
 
@@ -108,6 +109,8 @@ def knn_segmentation(
         mode: 'centroid' (bank of per-image class centroids) or 'patch' (bank of labelled patches, a patch
             taking the majority class of its labelled pixels when they cover >= `min_coverage` of it).
         holdout: None for leave-one-image-out, or the fraction of images held out as queries (`seed`).
+        per_image: also return each query image's confusion matrix, `image_matrices` (Q, K, K), for
+            `scores.bootstrap_miou`.
 
     Each query patch's normalised class votes are upsampled bilinearly to the label size, and the argmax is
     scored there. Returns mIoU, mAcc, pixel accuracy, per-class IoU and the set-up.
@@ -127,7 +130,7 @@ def knn_segmentation(
     if banked is not None:
         in_bank[:] = False
         in_bank[banked] = True
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(num_classes, keep_images=per_image)
     sizes = []
     for i in tqdm(queries, desc=f'kNN ({mode})', disable=not progress, leave=False):
         allowed = in_bank[bank_img] & (bank_img != i)
@@ -145,4 +148,6 @@ def knn_segmentation(
         'split': 'leave-one-image-out' if holdout is None else f'holdout {holdout} (seed {seed})',
         'queries': len(queries), 'bank_entries_mean': sum(sizes) / len(sizes),
     })
+    if per_image:
+        out['image_matrices'] = cm.image_matrices()
     return out

@@ -78,6 +78,7 @@ def linear_probe(
         class_names: Optional[Sequence[str]] = None,
         folds: Optional[int] = None,
         progress: bool = False,
+        per_image: bool = False,
 ) -> Dict[str, object]:
     """Train a 1x1 conv on (N, C, h, w) maps of the training split; report mIoU / mAcc on the held-out split.
 
@@ -92,6 +93,9 @@ def linear_probe(
     With `folds`, K-fold cross-validation replaces the single held-out split: one probe per fold, and one
     confusion matrix over every fold's test images, so each image is scored once. On a set of a dozen
     images a held-out quarter is three or four images, and its mIoU swings with which ones they are.
+
+    With `per_image`, each test image's confusion matrix is returned too, `image_matrices` (N_test, K, K), for
+    `scores.bootstrap_miou`.
     """
     if feats.ndim != 4 or feats.shape[0] != len(labels):
         raise ValueError(f'feature maps {tuple(feats.shape)} do not match {len(labels)} labels')
@@ -99,7 +103,7 @@ def linear_probe(
     h, w = feats.shape[-2:]
     size = tuple(train_label_size) if train_label_size is not None else (4 * h, 4 * w)
     g = torch.Generator().manual_seed(seed)
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(num_classes, keep_images=per_image)
     losses = []
     for test_idx, train_idx in splits:
         x_train = feats[train_idx].float().clone()  # clone: the maps may be inference tensors
@@ -123,4 +127,6 @@ def linear_probe(
         'train_images': train_images, 'test_images': test_images, 'steps': steps, 'batch_size': batch_size,
         'lr': lr, 'train_label_size': list(size), 'final_train_loss': sum(losses) / len(losses),
     })
+    if per_image:
+        out['image_matrices'] = cm.image_matrices()
     return out
