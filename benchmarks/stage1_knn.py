@@ -90,8 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     shared = Path(os.environ['DVT_SHARED'])
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=shared / 'weights' / 'dinov2_vits14.safetensors')
-    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index,
-                           limit=args.images)
+    folder = LabeledFolder(shared / 'data' / args.data, ignore_index=args.ignore_index, limit=args.images)
     fast = PRESETS['fast']  # the cache holds this preset's views: one folder per view count and size
     items = cached_views(model, folder, args.cache / args.data / f'{fast.n_views}views_{fast.image_size}px')
 

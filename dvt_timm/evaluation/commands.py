@@ -327,8 +327,9 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
           + (f', {labeled.num_classes} classes' if labeled is not None else '')
           + f' | features {t_features:.1f} s, total {timing["total_s"]:.1f} s')
     print(format_table(results))
-    if args.bootstrap:
-        print(format_intervals(results, args.bootstrap))
+    intervals = format_intervals(results, args.bootstrap) if args.bootstrap else ''
+    if intervals:  # empty when no protocol scored mIoU
+        print(intervals)
     text = json.dumps(report, indent=2, default=_json_default)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(f'wrote {args.out}')
