@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dvt_timm import DenoisedViT
+from dvt_timm.cli import positive_int
 from dvt_timm.data import image_to_tensor, list_images, load_image
 from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
 
@@ -66,8 +67,8 @@ def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--cpu-images', type=int, default=4, help='images in the CPU batch')
-    parser.add_argument('--gpu-images', type=int, default=16, help='images in the GPU batch (paper settings)')
+    parser.add_argument('--cpu-images', type=positive_int, default=4, help='images in the CPU batch')
+    parser.add_argument('--gpu-images', type=positive_int, default=16, help='images in the GPU batch (paper settings)')
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--dense-table-adam', action='store_true',
                         help='GPU: also time the paper settings with a dense Adam on the hash tables')

@@ -28,7 +28,18 @@ __all__ = ['AUTHORS_HUB_REPO', 'backbone_for', 'resolve_backbone', 'check_checkp
 _logger = logging.getLogger(__name__)
 
 AUTHORS_HUB_REPO = 'jjiaweiyang/DVT'
-_WEIGHTS = resources.files('dvt_timm.weights')
+
+
+def _weights_folder() -> Any:
+    """weights/ (the manifest and the shipped denoisers): installed as the package data `dvt_timm.weights`, or
+    beside the package in a source checkout that is on sys.path without being installed."""
+    try:
+        return resources.files('dvt_timm.weights')
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / 'weights'
+
+
+_WEIGHTS = _weights_folder()
 
 # `dvt_<arch>.<tag>` -> backbone timm id, for every pretrained tag in the manifest.
 _BACKBONES: Dict[str, str] = {}

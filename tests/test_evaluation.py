@@ -416,6 +416,24 @@ def test_extract_features_recomputes_a_corrupt_cache_file(vits, sample_images, t
     assert 'recomputing' not in caplog.text
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_extract_features_runs_a_cuda_model_and_mixes_in_cached_maps(tmp_path):
+    import copy
+    torch.manual_seed(0)  # random weights: the test is about devices, so it needs no $DVT_SHARED
+    model = load_model(VITS, pretrained=False)
+    images = sorted((Path(__file__).parents[1] / 'examples' / 'assets').glob('*.png'))[:2]
+    cpu = extract_features(model, images[:1], 56, cache_dir=tmp_path, progress=False)  # caches image 0
+    fs = extract_features(copy.deepcopy(model).cuda(), images, 56, cache_dir=tmp_path, progress=False)
+    assert all(m.device.type == 'cpu' for m in fs.maps.values()) and fs.reference.device.type == 'cpu'
+    assert torch.equal(fs.maps['raw'][:1], cpu.maps['raw'])  # read from the cache
+    fresh = extract_features(model, images[1:], 56, progress=False)
+
+    def close(a, b):  # computed on the GPU in fp32, where cuDNN may use TF32 for the patch embedding
+        return float((a - b).norm() / b.norm()) < 1e-2
+    assert close(fs.maps['raw'][1:], fresh.maps['raw']) and close(fs.maps['denoised'][1:], fresh.maps['denoised'])
+    assert close(fs.reference, cpu.reference)
+
+
 # ------------------------------------------------------------------------------------------- command
 def _evaluate(argv):
     parser = argparse.ArgumentParser()
@@ -537,6 +555,11 @@ def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_pat
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
         _evaluate(['--model', VITS, '--backbone-checkpoint', str(tmp_path / 'none.safetensors'), '--data',
                    str(tmp_path), '--protocol', 'artifacts'])
+    with pytest.raises(ValueError, match='--device gpu0: '):
+        _evaluate(['--model', VITS, '--data', str(tmp_path), '--protocol', 'artifacts', '--device', 'gpu0'])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='--device cuda asks for CUDA, but torch sees no CUDA GPU'):
+            _evaluate(['--model', VITS, '--data', str(tmp_path), '--protocol', 'artifacts', '--device', 'cuda'])
 
 
 def test_format_table_marks_missing_values():

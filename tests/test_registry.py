@@ -1,4 +1,8 @@
 """timm registration: names, pretrained tags, data config, and a forward pass for every model."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -25,6 +29,22 @@ def test_names_and_pretrained_tags():
     assert (cfg.hf_hub_id, cfg.hf_hub_filename) == (AUTHORS_HUB_REPO, 'imgnet_denoised/vit_base_patch14_dinov2.lvd142m.pth')
     assert backbone_for('dvt_vit_base_patch16_224.mae_voc') == 'vit_base_patch16_224.mae'
     assert backbone_for('dvt_vit_base_patch16_224') == 'vit_base_patch16_224.dino'  # first tag is the default
+
+
+def test_a_source_checkout_imports_without_being_installed():
+    # The repository root on sys.path, the installed package (editable or not) hidden: weights/ is found
+    # beside the package, so the registry and the shipped denoiser's tag are there.
+    root = Path(dvt_timm.__file__).resolve().parents[1]
+    code = ('import sys, importlib.util\n'
+            'sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]\n'
+            f'sys.path.insert(0, {str(root)!r})\n'
+            'import dvt_timm, timm\n'
+            'assert dvt_timm.__file__.startswith(sys.path[0]), dvt_timm.__file__\n'
+            'assert importlib.util.find_spec("dvt_timm.weights") is None\n'
+            'print(" ".join(timm.list_models("dvt_vit_small_patch14_dinov2*", pretrained=True)))\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=root.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert 'dvt_vit_small_patch14_dinov2.dvt_timm_photos' in proc.stdout.split()
 
 
 @pytest.mark.parametrize('name', sorted(timm.list_models('dvt_*')))

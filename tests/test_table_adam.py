@@ -147,7 +147,8 @@ def test_cuda_step_matches_the_reference():
         p.grad, q.grad = grad, grad.cuda()
         opt.step()
         cuda_opt.step()
-    torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=0, atol=1e-6)
+    # The compiled kernel's approximate sqrt / exp2 / division: a few ulp of |p| (up to ~4.5 here).
+    torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(cuda_opt.state[q]['steps'].cpu(), opt.state[p]['steps'])
 
 

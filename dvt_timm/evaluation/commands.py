@@ -17,6 +17,7 @@ import torch
 from ..checkpoint import atomic_write, backbone_arch
 from ..cli import positive_float, positive_int
 from ..data import image_size, list_images, load_image, unique_stems
+from ..model import DenoisedViT
 from ..registry import check_checkpoints, load_model
 from .features import VARIANTS, FeatureSet, extract_features, load_stage1, zero_input_map
 from .knn import knn_segmentation, query_split
@@ -59,6 +60,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per backbone pass (default 1)')
     p.add_argument('--cache', metavar='DIR', help='on-disk feature cache, keyed by the weights and the input size')
     p.add_argument('--limit', type=positive_int, help='use only the first N images')
+    p.add_argument('--device', help='where the backbone runs (default: cuda when available, else cpu)')
+
+
+def _device(requested: Optional[str]) -> torch.device:
+    try:
+        device = torch.device(requested or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError as e:
+        raise ValueError(f'--device {requested}: {e}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {requested} asks for CUDA, but torch sees no CUDA GPU')
+    return device
+
+
+def _load_model(args: argparse.Namespace, denoiser_checkpoint: Optional[str], need_denoiser: bool) -> DenoisedViT:
+    return load_model(args.model, args.backbone_checkpoint, denoiser_checkpoint, not args.no_pretrained,
+                      need_denoiser=need_denoiser).to(_device(args.device))
 
 
 def _area_share(text: str) -> float:
@@ -226,6 +243,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)  # weights without a checkpoint (a test denoiser) initialise the same every run
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
+    _device(args.device)
 
     # --- images and labels
     labeled: Optional[LabeledFolder] = None
@@ -253,7 +271,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.features is not None:
         model = None
         if args.model is not None:  # only for the zero-input reference of the artifact metrics
-            model = load_model(args.model, args.backbone_checkpoint, None, not args.no_pretrained, need_denoiser=False)
+            model = _load_model(args, None, need_denoiser=False)
         fs = load_stage1(args.features, names=names)
         if args.limit and names is None:
             fs = fs.select(fs.names[:args.limit])
@@ -269,8 +287,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             by_name = dict(zip(names, images))
             fs.image_sizes = [image_size(by_name[n]) for n in fs.names]
     else:
-        model = load_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
-                            need_denoiser='denoised' in variants)
+        model = _load_model(args, args.denoiser_checkpoint, need_denoiser='denoised' in variants)
         fs = extract_features(model, images, size, variants, names=names, batch_size=args.batch_size,
                               cache_dir=args.cache, progress=True)
     t_features = time.perf_counter() - t0
@@ -426,6 +443,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
         raise ValueError(f'--out must be a .png file, got {out}')
     _prepare_out(out, '.png')
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
+    _device(args.device)
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
@@ -433,8 +451,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
     if args.features is not None:
         fs = load_stage1(args.features, names=names)
     else:
-        model = load_model(args.model, args.backbone_checkpoint, args.denoiser_checkpoint, not args.no_pretrained,
-                            need_denoiser=not args.raw_only)
+        model = _load_model(args, args.denoiser_checkpoint, need_denoiser=not args.raw_only)
         fs = extract_features(model, paths, _size(args.size), variants, names=names, batch_size=args.batch_size,
                               cache_dir=args.cache, progress=True)
     by_name = dict(zip(names, paths))

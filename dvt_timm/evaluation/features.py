@@ -140,13 +140,20 @@ def _write_maps(path: Path, maps: Dict[str, torch.Tensor], meta: Dict[str, str])
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def zero_input_map(model: nn.Module, size: Union[int, Sequence[int]]) -> torch.Tensor:
-    """The raw (C, h, w) map of an all-mean image: zeros after normalisation, so nothing but position."""
+    """The raw (C, h, w) map of an all-mean image: zeros after normalisation, so nothing but position.
+
+    Computed on the model's device, returned on the CPU."""
     dvt = _as_dvt(model).eval()
     was = dvt.denoising
     try:
-        return dvt.denoise(False).feature_map(torch.zeros(1, dvt.in_chans, *_size_tuple(size)))[0].float()
+        x = torch.zeros(1, dvt.in_chans, *_size_tuple(size), device=_device(dvt))
+        return dvt.denoise(False).feature_map(x)[0].float().cpu()
     finally:
         dvt.denoise(was)
 
@@ -169,6 +176,7 @@ def extract_features(
     `<cache_dir>/<backbone weights digest>-<H>x<W>/<image key>.<raw | denoised-<denoiser digest>>.safetensors`
     (fp32, the stage-1 (h, w, C) layout), so a second run, or a run with another denoiser, skips the
     backbone. Unreadable images are logged and skipped. The set's `reference` is the raw zero-input map.
+    The backbone runs on the model's device; the maps are returned on the CPU.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -183,6 +191,7 @@ def extract_features(
         raise TypeError(f'images must be a list of image paths, got the single path {str(images)!r}; '
                         f'pass [{str(images)!r}]')
     mean, std = mean_std(dvt)
+    device = _device(dvt)
     images = [Path(p) for p in images]
     names = list(names) if names is not None else [p.stem for p in images]
     if len(names) != len(images):
@@ -209,7 +218,7 @@ def extract_features(
     def flush() -> None:
         if not todo:
             return
-        x = torch.stack([t for _, _, t in todo])
+        x = torch.stack([t for _, _, t in todo]).to(device)
         if 'denoised' in variants:
             raw, clean = dvt.raw_and_denoised(x)
             maps = {'raw': raw.float(), 'denoised': clean.float()}
@@ -221,9 +230,9 @@ def extract_features(
                 dvt.denoise(was)
         for j, (slot, path, _) in enumerate(todo):
             for v in variants:
-                out[v][slot] = maps[v][j]
+                out[v][slot] = maps[v][j].cpu()  # the set lives on the CPU, as cached maps are read
                 if cache is not None:
-                    _write_maps(cache_file(path, v), {v: maps[v][j]}, meta)
+                    _write_maps(cache_file(path, v), {v: out[v][slot]}, meta)
         todo.clear()
 
     for i, path in enumerate(tqdm(images, desc='features', disable=not progress)):

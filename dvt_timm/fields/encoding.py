@@ -200,10 +200,12 @@ def hash_grid_torch(params: Tensor, coords: Tensor, level_scale: Tensor, level_t
     base = (torch.arange(n_fields, device=coords.device) * n_params).view(n_fields, 1, 1, 1) + offset[:, None]
     flat = params.reshape(n_fields * n_params, n_feat)
     vals = flat.index_select(0, (base + idx).reshape(-1)).view(n_fields, n_samples, n_levels, 4, n_feat)
-    # (1 x 4) @ (4 x F) per (field, sample, level): no (..., 4, F) weighted temporary, ~3x faster on CPU.
     # Outside autocast, which would make it bf16: the other backends blend in fp32.
     with torch.autocast(coords.device.type, enabled=False):
-        out = torch.matmul(weight.to(params.dtype).unsqueeze(-2), vals)
+        if vals.is_cuda:  # elementwise, so that TF32 matmuls (set for the fields' MLPs) never round it
+            out = (weight.to(params.dtype).unsqueeze(-1) * vals).sum(-2)
+        else:  # (1 x 4) @ (4 x F) per (field, sample, level): no (..., 4, F) weighted temporary, ~3x faster
+            out = torch.matmul(weight.to(params.dtype).unsqueeze(-2), vals)
     return out.reshape(n_fields, n_samples, n_levels * n_feat)
 
 

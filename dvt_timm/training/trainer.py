@@ -594,6 +594,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                     window_start = time.perf_counter()  # keep validation out of the throughput
                 if step < total and cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     save_checkpoint()
+                    window_start = time.perf_counter()  # and checkpoints
                 if cfg.stop_after_steps is not None and step == cfg.stop_after_steps:
                     os.kill(os.getpid(), signal.SIGKILL)  # testing: a hard kill, no clean-up of any kind
                 if step >= total:
