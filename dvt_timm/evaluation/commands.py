@@ -243,7 +243,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)  # weights without a checkpoint (a test denoiser) initialise the same every run
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
-    _device(args.device)
+    _device(args.device)  # a bad --device fails before any work too
 
     # --- images and labels
     labeled: Optional[LabeledFolder] = None
@@ -443,7 +443,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
         raise ValueError(f'--out must be a .png file, got {out}')
     _prepare_out(out, '.png')
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
-    _device(args.device)
+    _device(args.device)  # a bad --device fails before any work too
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
