@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from conftest import require_triton
 from dvt_timm import DenoisedViT
 from dvt_timm.cli import main as cli_main
 from dvt_timm.data import list_images
@@ -81,13 +82,9 @@ def _centred_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
-@pytest.mark.parametrize('full_view_share, sparse_table_adam', [
-    (0.0, True), (0.5, True),  # the paper's sampling; the fast preset's
-    (0.0, False), (0.5, False)])  # the table stepped by a dense Adam: the authors' code; the fast preset's
-def test_ground_truth_decomposition_is_recovered(full_view_share, sparse_table_adam):
+def _recover_ground_truth(full_view_share: float, sparse_table_adam: bool, device: str, backend: str) -> None:
     """Views of F* (smooth, image coordinates) + G* (fixed, view position) + noise, through the same crop
-    and flip machinery: F and G come back (centred) with cosine >= 0.95, also when half of the samples come
-    from the full view, with either table optimizer."""
+    and flip machinery; F and G must come back (centred) with cosine >= 0.95."""
     g = torch.Generator().manual_seed(0)
     size, K, C, n_views = 224, 16, 32, 48
     views = sample_views(n_views, size, g)
@@ -98,12 +95,28 @@ def test_ground_truth_decomposition_is_recovered(full_view_share, sparse_table_a
                              full_view_share=full_view_share, sparse_table_adam=sparse_table_adam,
                              hash=HashGridConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4,
                                                  finest_resolution=64))
-    out = decompose(y[None], coords[None], [image_seed(0, 'synthetic')], settings, backend='torch')[0]
+    out = decompose(y[None].to(device), coords[None], [image_seed(0, 'synthetic')], settings, backend=backend)[0]
     print(f'G cos {_centred_cos(out.artifact, G_true):.4f}, F cos {_centred_cos(out.denoised, F_true(coords[0])):.4f}')
     assert _centred_cos(out.artifact, G_true) >= 0.95
     assert _centred_cos(out.denoised, F_true(coords[0])) >= 0.95
     assert torch.equal(out.raw, y[0])
     assert not any(t.requires_grad for t in (out.raw, out.denoised, out.artifact, out.residual))  # plain results
+
+
+@pytest.mark.parametrize('full_view_share, sparse_table_adam', [
+    (0.0, True), (0.5, True),  # the paper's sampling; the fast preset's
+    (0.0, False), (0.5, False)])  # the table stepped by a dense Adam: the authors' code; the fast preset's
+def test_ground_truth_decomposition_is_recovered(full_view_share, sparse_table_adam):
+    """Also when half of the samples come from the full view, with either table optimizer."""
+    _recover_ground_truth(full_view_share, sparse_table_adam, 'cpu', 'torch')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('sparse_table_adam', [True, False])
+def test_ground_truth_decomposition_is_recovered_on_cuda(sparse_table_adam):
+    """The GPU path: our Triton hash-grid kernels, and the fused HashTableAdam step or torch's dense Adam."""
+    require_triton()
+    _recover_ground_truth(0.0, sparse_table_adam, 'cuda', 'triton')
 
 
 def test_field_settings_reject_values_that_would_train_nothing():
