@@ -14,7 +14,8 @@ unset DVT_SHARED CI
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
     python3 -m pytest -q -rs -p no:cacheprovider -k cuda \
-        tests/test_encoding.py tests/test_table_adam.py tests/test_fields.py tests/test_evaluation.py
+        tests/test_encoding.py tests/test_table_adam.py tests/test_fields.py tests/test_evaluation.py \
+        tests/test_training.py
     python3 benchmarks/stage1.py --cpu-images 1 --dense-table-adam
     python3 benchmarks/encoding.py
     python3 benchmarks/stage2.py

@@ -414,6 +414,18 @@ def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, 
     assert all(torch.equal(load_file(str(out / 'model.safetensors'))[k], ref[k]) for k in ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_a_cuda_run_follows_the_cpu_run(reference_run, stage1_dir, tmp_path):
+    out = tmp_path / 'run'
+    summary = train(_config(stage1_dir, out, device='cuda', workers=1))  # pinned memory, a loading worker
+    assert summary['steps'] == RUN['steps']
+    # The same data, order and initialisation: held-out losses as on the CPU, up to float rounding.
+    gpu, cpu = ([r['val_loss'] for r in _log(o) if r['event'] == 'val'] for o in (out, reference_run))
+    assert gpu == pytest.approx(cpu, rel=1e-3), (gpu, cpu)
+    weights = load_file(str(out / 'model.safetensors'))
+    assert all(w.device.type == 'cpu' and torch.isfinite(w).all() for w in weights.values())
+
+
 def _torchrun(args: list) -> subprocess.CompletedProcess:
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            '-m', 'dvt_timm.training'] + args
