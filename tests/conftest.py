@@ -37,6 +37,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _keep_matmul_precision():
+    """`dvt-timm denoise-images` sets TF32 matmuls for its process; called in-process by a test, it must not
+    change the precision of the tests after it (a GPU's results would move by TF32 rounding)."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
 @pytest.fixture(scope='session')
 def vits_checkpoint() -> Path:
     """The real DINOv2 ViT-S/14 backbone in timm layout."""
