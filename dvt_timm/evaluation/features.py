@@ -140,10 +140,6 @@ def _write_maps(path: Path, maps: Dict[str, torch.Tensor], meta: Dict[str, str])
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def zero_input_map(model: nn.Module, size: Union[int, Sequence[int]]) -> torch.Tensor:
     """The raw (C, h, w) map of an all-mean image: zeros after normalisation, so nothing but position.
@@ -152,7 +148,7 @@ def zero_input_map(model: nn.Module, size: Union[int, Sequence[int]]) -> torch.T
     dvt = _as_dvt(model).eval()
     was = dvt.denoising
     try:
-        x = torch.zeros(1, dvt.in_chans, *_size_tuple(size), device=_device(dvt))
+        x = torch.zeros(1, dvt.in_chans, *_size_tuple(size), device=next(dvt.parameters()).device)
         return dvt.denoise(False).feature_map(x)[0].float().cpu()
     finally:
         dvt.denoise(was)
@@ -191,7 +187,7 @@ def extract_features(
         raise TypeError(f'images must be a list of image paths, got the single path {str(images)!r}; '
                         f'pass [{str(images)!r}]')
     mean, std = mean_std(dvt)
-    device = _device(dvt)
+    device = next(dvt.parameters()).device
     images = [Path(p) for p in images]
     names = list(names) if names is not None else [p.stem for p in images]
     if len(names) != len(images):
@@ -221,18 +217,19 @@ def extract_features(
         x = torch.stack([t for _, _, t in todo]).to(device)
         if 'denoised' in variants:
             raw, clean = dvt.raw_and_denoised(x)
-            maps = {'raw': raw.float(), 'denoised': clean.float()}
+            maps = {'raw': raw, 'denoised': clean}
         else:
             was = dvt.denoising
             try:
-                maps = {'raw': dvt.denoise(False).feature_map(x).float()}
+                maps = {'raw': dvt.denoise(False).feature_map(x)}
             finally:
                 dvt.denoise(was)
+        maps = {v: m.float().cpu() for v, m in maps.items()}  # the set lives on the CPU, as cached maps are read
         for j, (slot, path, _) in enumerate(todo):
             for v in variants:
-                out[v][slot] = maps[v][j].cpu()  # the set lives on the CPU, as cached maps are read
+                out[v][slot] = maps[v][j]
                 if cache is not None:
-                    _write_maps(cache_file(path, v), {v: out[v][slot]}, meta)
+                    _write_maps(cache_file(path, v), {v: maps[v][j]}, meta)
         todo.clear()
 
     for i, path in enumerate(tqdm(images, desc='features', disable=not progress)):
