@@ -556,7 +556,9 @@ def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_pat
         _evaluate(['--model', VITS, '--backbone-checkpoint', str(tmp_path / 'none.safetensors'), '--data',
                    str(tmp_path), '--protocol', 'artifacts'])
     with pytest.raises(ValueError, match='--device gpu0: '):
-        _evaluate(['--model', VITS, '--data', str(tmp_path), '--protocol', 'artifacts', '--device', 'gpu0'])
+        _evaluate(['--model', VITS, '--data', str(tmp_path), '--protocol', 'artifacts', '--device', 'gpu0',
+                   '--out', str(tmp_path / 'dev' / 'x.json')])
+    assert not (tmp_path / 'dev').exists()  # refused before the --out folder is made
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='--device cuda asks for CUDA, but torch sees no CUDA GPU'):
             _evaluate(['--model', VITS, '--data', str(tmp_path), '--protocol', 'artifacts', '--device', 'cuda'])

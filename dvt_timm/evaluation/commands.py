@@ -235,6 +235,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError('give --model (or --features with stored stage-1 outputs)')
     if 'lost' in protocols and args.boxes and args.boxes_from_masks:
         raise ValueError('give either --boxes or --boxes-from-masks, not both')
+    _device(args.device)  # a bad --device fails before anything is created or read
     _prepare_out(Path(args.out), '.json')
     needs_labels = bool({'knn', 'linear'} & set(protocols)) or ('lost' in protocols and args.boxes_from_masks)
     # Box inputs are parsed now so that a bad file or value fails before the backbone pass.
@@ -243,7 +244,6 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)  # weights without a checkpoint (a test denoiser) initialise the same every run
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)  # fail before reading any data
-    _device(args.device)  # a bad --device fails before any work too
 
     # --- images and labels
     labeled: Optional[LabeledFolder] = None
@@ -441,9 +441,9 @@ def run_visualize(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.suffix.lower() != '.png':
         raise ValueError(f'--out must be a .png file, got {out}')
+    _device(args.device)  # a bad --device fails before anything is created or read
     _prepare_out(out, '.png')
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
-    _device(args.device)  # a bad --device fails before any work too
     paths = _collect_images(args.images)[:args.limit]
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
