@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dvt_timm import DenoisedViT
+from dvt_timm.denoiser import Denoiser
 from dvt_timm.losses import distance
 from dvt_timm.training import commands
 from dvt_timm.training.data import (
@@ -280,6 +281,42 @@ def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeyp
     assert state['step'] == 2 and all(torch.isfinite(v).all() for v in state['model'].values())
 
 
+def test_best_holds_the_weights_with_the_lowest_held_out_loss(tmp_path, monkeypatch):
+    """When the held-out loss rises again, best/ keeps the weights of its lowest point (timm's model_best)."""
+    from dvt_timm.training import trainer
+    write_stage1(tmp_path / 'data', {(8, 8): 8})
+    scripted = iter([0.9, 0.5, 0.3, 0.4])  # the identity baseline, then the validations at steps 2, 4, 6
+    seen = {}
+
+    def scripted_evaluate(model, *args):
+        if isinstance(model, Denoiser):
+            seen[len(seen)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return next(scripted)
+
+    monkeypatch.setattr(trainer, 'evaluate', scripted_evaluate)
+    out = tmp_path / 'run'
+    summary = train(_config(tmp_path / 'data', out, steps=6, batch_size=2, val_frac=0.25, val_every=2,
+                            log_every=100))
+    assert (summary['best_step'], summary['best_val_loss'], summary['val_loss']) == (4, 0.3, 0.4)
+    best, last = load_file(str(out / 'best' / 'model.safetensors')), load_file(str(out / 'model.safetensors'))
+    assert all(torch.equal(best[k], seen[1][k]) for k in best)  # the weights validated at step 4
+    assert all(torch.equal(last[k], seen[2][k]) for k in last)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+    card = (out / 'best' / 'README.md').read_text()
+    assert '| steps | 6 (these weights: step 4) |' in card and '| 0.30000 |' in card
+    assert DenoisedViT(BACKBONE, denoiser_checkpoint=out / 'best').denoiser.pos_embed.shape[-1] == C
+
+
+def test_validation_cadence_does_not_change_the_weights(tmp_path):
+    """--val-every may change on --resume (it is not run-defining), so validating must not move the run."""
+    write_stage1(tmp_path / 'data', {(8, 8): 16})
+    run = dict(steps=6, batch_size=4, val_frac=0.25, log_every=100, workers=1)  # a worker: its seed draw too
+    for every in (1, 0):
+        train(_config(tmp_path / 'data', tmp_path / f'every{every}', val_every=every, **run))
+    often, never = (load_file(str(tmp_path / f'every{e}' / 'model.safetensors')) for e in (1, 0))
+    assert all(torch.equal(often[k], never[k]) for k in never)
+
+
 def test_resume_names_the_files_that_changed(tmp_path):
     write_stage1(tmp_path / 'data', {(8, 8): 8})
     out = tmp_path / 'run'
@@ -407,6 +444,9 @@ def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, 
     assert [r['val_loss'] for r in _log(out) if r['event'] == 'val'] == \
         [r['val_loss'] for r in _log(reference_run) if r['event'] == 'val']
     assert (out / 'README.md').read_text() == (reference_run / 'README.md').read_text()  # the baseline survives too
+    assert (out / 'best' / 'README.md').read_text() == (reference_run / 'best' / 'README.md').read_text()
+    best, ref_best = (load_file(str(o / 'best' / 'model.safetensors')) for o in (out, reference_run))
+    assert all(torch.equal(best[k], ref_best[k]) for k in ref_best)
 
     # Resuming a finished run only rewrites the final files, to the same values.
     (out / 'model.safetensors').unlink()

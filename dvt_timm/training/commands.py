@@ -19,7 +19,7 @@ Train DVT's generalizable denoiser (stage 2) on a folder of stage-1 outputs.
 Defaults are the authors': AdamW, betas (0.9, 0.999), weight decay 1e-5, peak lr 2e-4*sqrt(batch/256),
 cosine schedule with 15% linear warm-up down to 1e-6, global batch 64, no augmentation. Writes to --out:
 config.json + model.safetensors (the denoiser in dvt-timm format) and README.md at the end;
-checkpoint.pt (training state, every --ckpt-every steps), log.jsonl and training_args.json (the first
+best/ (the same three files, for the validation with the lowest held-out loss so far); checkpoint.pt (training state, every --ckpt-every steps), log.jsonl and training_args.json (the first
 invocation's arguments; each --resume logs its own in log.jsonl).
 
 Several processes: torchrun --nproc_per_node N -m dvt_timm.training --data ... (gloo on the CPU, NCCL on
@@ -82,6 +82,9 @@ def run_train_denoiser(args: argparse.Namespace) -> None:
         val, identity = loss_text(summary['val_loss']), loss_text(summary['identity_val_loss'])
         print(f'wrote {summary["out"]} ({summary["backbone"]} denoiser, {summary["steps"]} steps, held-out loss {val} '
               f'(raw features as the prediction: {identity}), {len(summary["skipped"])} files skipped)')
+        if summary['best_step'] is not None:
+            print(f'wrote {summary["out"]}/best (the lowest held-out loss, {loss_text(summary["best_val_loss"])}, '
+                  f'at step {summary["best_step"]})')
 
 
 def add_train_denoiser_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -12,6 +12,8 @@ which equals the one-process gradient of the global batch. A checkpoint (model, 
 step, every rank's RNG state) is written atomically every `ckpt_every` steps; a resumed run
 regenerates the same batches from the step counter, so it ends with the same weights as an
 uninterrupted one (bit for bit on the CPU; on CUDA up to the kernels' own non-determinism).
+The final denoiser is the last step's; `best/` holds the one of the validation with the lowest
+held-out loss, as timm's train.py keeps `model_best`.
 On several nodes every node needs the same `--data` files (checked); `--out` is written and read by
 rank 0 alone, so it need not be shared.
 """
@@ -49,7 +51,7 @@ from .data import (
 
 __all__ = [
     'TrainConfig', 'DistEnv', 'train', 'default_lr', 'lr_at', 'loss_text',
-    'train_step', 'setup_distributed', 'CHECKPOINT_NAME', 'LOG_NAME',
+    'train_step', 'setup_distributed', 'CHECKPOINT_NAME', 'LOG_NAME', 'BEST_DIR',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = 'checkpoint.pt'
 LOG_NAME = 'log.jsonl'
 ARGS_NAME = 'training_args.json'
+BEST_DIR = 'best'
 TRAIN_STATE_FORMAT = 'dvt-timm-train'
 TRAIN_STATE_VERSION = 1
 DEFAULT_EPOCHS = 100
@@ -280,8 +283,8 @@ def loss_text(loss: Optional[float], missing: str = 'n/a') -> str:
     return missing if loss is None else f'{loss:.5f}'
 
 
-def _model_card(backbone: str, input_size: Optional[int], settings: Dict[str, Any], n_train: int, n_val: int,
-                val_loss: Optional[float], identity_loss: Optional[float]) -> str:
+def _model_card(backbone: str, input_size: Optional[int], settings: Dict[str, Any], step: int, n_train: int,
+                n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> str:
     val, identity = (loss_text(x, 'n/a (no held-out files)') for x in (val_loss, identity_loss))
     return f"""---
 library_name: dvt-timm
@@ -310,20 +313,22 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 |---|---|
 | training / held-out files | {n_train} / {n_val} |
 | input size of the stage-1 features | {f'{input_size} px' if input_size else 'mixed'} |
-| steps | {settings['total_steps']} |
+| steps | {settings['total_steps']} (these weights: step {step}) |
 | global batch | {settings['batch_size']} |
 | peak lr | {settings['lr']:.3g} (AdamW, betas {tuple(settings['betas'])}, weight decay {settings['weight_decay']}) |
 | schedule | {settings['warmup_frac']:.0%} linear warm-up, cosine to {settings['min_lr']} |
 | seed | {settings['seed']} |
-| final held-out loss (MSE + 1 - cosine) | {val} |
+| held-out loss of these weights (MSE + 1 - cosine) | {val} |
 | held-out loss of raw features as the prediction | {identity} |
 """
 
 
-def _write_final(out: Path, module: Denoiser, config: DenoiserConfig, settings: Dict[str, Any],
-                 n_train: int, n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> None:
+def _write_denoiser(out: Path, module: Denoiser, config: DenoiserConfig, settings: Dict[str, Any], step: int,
+                    n_train: int, n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> None:
+    """config.json, model.safetensors and a model card in `out`, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
     write_denoiser_checkpoint(out, module.state_dict(), config)
-    card = _model_card(config.backbone, config.input_size, settings, n_train, n_val, val_loss, identity_loss)
+    card = _model_card(config.backbone, config.input_size, settings, step, n_train, n_val, val_loss, identity_loss)
     atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
 
 
@@ -481,7 +486,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, total, peak, cfg.warmup_frac, cfg.min_lr) / peak)
-    step, last_val = 0, None
+    step, last_val, best = 0, None, None  # best: (held-out loss, step) of the weights in best/
     log = _JsonLog(out / LOG_NAME, env.is_main)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -491,6 +496,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         optimizer.load_state_dict(saved['optimizer'])
         scheduler.load_state_dict(saved['scheduler'])
         step, last_val = int(saved['step']), saved.get('val_loss')
+        best = tuple(saved['best']) if saved.get('best') else None
         rngs = saved['rng']
         if len(rngs) != env.world_size and env.is_main:
             _logger.warning('resuming a %d-process run with %d processes: same data order, but not bit-exact',
@@ -530,7 +536,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
             state = dict(format=TRAIN_STATE_FORMAT, format_version=TRAIN_STATE_VERSION, step=step,
                          model=module.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
-                         train_files=train_names, val_files=val_names, val_loss=last_val,
+                         train_files=train_names, val_files=val_names, val_loss=last_val, best=best,
                          denoiser_config=denoiser_config.to_dict())
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
             log(event='checkpoint', step=step)
@@ -542,10 +548,17 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         return evaluate(m, val_loader, env, cfg.amp)
 
     def validate() -> None:
-        nonlocal last_val
+        nonlocal last_val, best
         last_val = held_out_loss(module)
-        if last_val is not None:
-            log(event='val', step=step, val_loss=last_val)
+        if last_val is None:
+            return
+        log(event='val', step=step, val_loss=last_val)
+        # Every rank agrees (the loss is all-reduced); a NaN loss is never the best.
+        if math.isfinite(last_val) and (best is None or last_val < best[0]):
+            best = (last_val, step)
+            if env.is_main:  # a kill before the next checkpoint is repaired by --resume, which redoes this
+                _write_denoiser(out / BEST_DIR, module, denoiser_config, settings, step, len(train_items),
+                                len(val_items), last_val, identity_val)
 
     train_sampler, val_sampler = _BatchList(), _BatchList()
     train_loader = _loader(train_ds, train_sampler, cfg.workers, env.device)
@@ -606,13 +619,16 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         save_checkpoint()
     # The final model comes after the final checkpoint: a kill in between is repaired by --resume.
     if env.is_main:
-        _write_final(out, module, denoiser_config, settings, len(train_items), len(val_items), last_val, identity_val)
-        log(event='done', step=step, val_loss=last_val)
-        _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)',
-                     out, data_backbone, step, loss_text(last_val), loss_text(identity_val))
+        _write_denoiser(out, module, denoiser_config, settings, step, len(train_items), len(val_items), last_val,
+                        identity_val)
+        log(event='done', step=step, val_loss=last_val, best_step=best[1] if best else None)
+        _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)%s',
+                     out, data_backbone, step, loss_text(last_val), loss_text(identity_val),
+                     f'; {out / BEST_DIR}: step {best[1]}, held-out loss {loss_text(best[0])}' if best else '')
     if env.distributed:
         dist.barrier()  # no process exits before the outputs exist
     return dict(out=str(out), steps=step, val_loss=last_val, identity_val_loss=identity_val, backbone=data_backbone,
+                best_step=best[1] if best else None, best_val_loss=best[0] if best else None,
                 train_files=len(train_items), val_files=len(val_items),
                 skipped=[(str(p), r) for p, r in scan.skipped])
 
