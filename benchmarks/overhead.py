@@ -6,7 +6,7 @@ Runs ViT-S/14 in fp32 on the CPU, and ViT-B/14 in bf16 on a CUDA GPU when one is
 forwards alternate within one process so drift in machine speed hits both equally; medians are printed
 with their ratio (the extra block is one of 12, so about 1.08 is expected).
 
-    python benchmarks/overhead.py [--iters 10] [--threads N] [--size 518]
+    python benchmarks/overhead.py [--iters 10] [--threads N] [--size 518] [--device cpu|cuda]
 """
 import argparse
 import statistics
@@ -51,13 +51,16 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
     parser.add_argument('--size', type=int, default=518, help='square input side, a multiple of 14 (default: 518)')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default=None,
+                        help='only this device (default: the CPU, and the GPU when there is one)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench('vit_small_patch14_dinov2', 'cpu', torch.float32, args.iters, size=args.size)
-    if torch.cuda.is_available():
+    if args.device in (None, 'cpu'):
+        bench('vit_small_patch14_dinov2', 'cpu', torch.float32, args.iters, size=args.size)
+    if args.device in (None, 'cuda') and torch.cuda.is_available():
         bench('vit_base_patch14_dinov2', 'cuda', torch.bfloat16, max(args.iters, 50), size=args.size)
-    else:
+    elif args.device in (None, 'cuda'):
         print('no CUDA GPU: the vit_base_patch14_dinov2 bf16 GPU figure was not measured')
 
 

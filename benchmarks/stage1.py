@@ -39,8 +39,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extract_batch: int = 32) -> dict:
-    """Wall seconds for extraction and optimisation of `images` (PIL or (3, S, S) tensors) as one batch."""
+def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extract_batch: int = 32,
+                report_every: int = 0) -> dict:
+    """Wall seconds for extraction and optimisation of `images` (PIL or (3, S, S) tensors) as one batch.
+
+    With `report_every`, the elapsed optimisation time is printed every that many iterations, so a run cut
+    short by a time limit still leaves a measured rate behind."""
     backbone = model.backbone.to(device).eval()
     size = settings.image_size
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
@@ -58,7 +62,15 @@ def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extr
     feats.clear()
     _sync(device)
     t1 = time.perf_counter()
-    decompose(batch, torch.stack(coords).to(device), seeds, settings)
+    if report_every:
+        print(f'    extraction: {t1 - t0:.1f} s for the batch', flush=True)
+
+    def report(step: int) -> None:
+        if report_every and step % report_every == 0:
+            _sync(device)
+            print(f'    {step}/{settings.iterations} iterations: {time.perf_counter() - t1:.1f} s', flush=True)
+
+    decompose(batch, torch.stack(coords).to(device), seeds, settings, progress=report)
     _sync(device)
     t2 = time.perf_counter()
     n = len(images)
@@ -95,7 +107,8 @@ def main() -> None:
     print(f'{torch.cuda.get_device_name()}: paper settings ({paper.n_views} views, {paper.iterations} iterations, '
           f'518 px) on vit_base_patch14_dinov2, batch of {len(images)} images:')
     for sparse in (True, False) if args.dense_table_adam else (True,):
-        r = time_stage1(big, images, paper.with_overrides(sparse_table_adam=sparse), device, extract_batch=64)
+        r = time_stage1(big, images, paper.with_overrides(sparse_table_adam=sparse), device, extract_batch=64,
+                        report_every=2000)
         print(f'  {r["total"]:.2f} s/image amortised  (extraction {r["extract"]:.2f} s, optimisation '
               f'{r["optimise"]:.2f} s){"" if sparse else ", dense table Adam"}', flush=True)
     print(format_result(bench_encoding(device, n_fields=32, n_samples=2048)))
