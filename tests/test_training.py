@@ -282,10 +282,11 @@ def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeyp
 
 
 def test_best_holds_the_weights_with_the_lowest_held_out_loss(tmp_path, monkeypatch):
-    """When the held-out loss rises again, best/ keeps the weights of its lowest point (timm's model_best)."""
+    """When the held-out loss rises again, best/ keeps the weights of its lowest point (timm's model_best);
+    a NaN loss is never the lowest."""
     from dvt_timm.training import trainer
     write_stage1(tmp_path / 'data', {(8, 8): 8})
-    scripted = iter([0.9, 0.5, 0.3, 0.4])  # the identity baseline, then the validations at steps 2, 4, 6
+    scripted = iter([0.9, math.nan, 0.3, 0.4])  # the identity baseline, then the validations at steps 2, 4, 6
     seen = {}
 
     def scripted_evaluate(model, *args):
