@@ -19,7 +19,8 @@ Train DVT's generalizable denoiser (stage 2) on a folder of stage-1 outputs.
 Defaults are the authors': AdamW, betas (0.9, 0.999), weight decay 1e-5, peak lr 2e-4*sqrt(batch/256),
 cosine schedule with 15% linear warm-up down to 1e-6, global batch 64, no augmentation. Writes to --out:
 config.json + model.safetensors (the denoiser in dvt-timm format) and README.md at the end;
-best/ (the same three files, for the validation with the lowest held-out loss so far); checkpoint.pt (training state, every --ckpt-every steps), log.jsonl and training_args.json (the first
+best/ (the same three files, from the validation with the lowest held-out loss so far);
+checkpoint.pt (training state, every --ckpt-every steps), log.jsonl and training_args.json (the first
 invocation's arguments; each --resume logs its own in log.jsonl).
 
 Several processes: torchrun --nproc_per_node N -m dvt_timm.training --data ... (gloo on the CPU, NCCL on
