@@ -618,17 +618,18 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         validate()
         save_checkpoint()
     # The final model comes after the final checkpoint: a kill in between is repaired by --resume.
+    best_val, best_step = best or (None, None)
     if env.is_main:
         _write_denoiser(out, module, denoiser_config, settings, step, len(train_items), len(val_items), last_val,
                         identity_val)
-        log(event='done', step=step, val_loss=last_val, best_step=best[1] if best else None)
+        log(event='done', step=step, val_loss=last_val, best_step=best_step)
         _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)%s',
                      out, data_backbone, step, loss_text(last_val), loss_text(identity_val),
-                     f'; {out / BEST_DIR}: step {best[1]}, held-out loss {loss_text(best[0])}' if best else '')
+                     f'; {out / BEST_DIR}: step {best_step}, held-out loss {loss_text(best_val)}' if best else '')
     if env.distributed:
         dist.barrier()  # no process exits before the outputs exist
     return dict(out=str(out), steps=step, val_loss=last_val, identity_val_loss=identity_val, backbone=data_backbone,
-                best_step=best[1] if best else None, best_val_loss=best[0] if best else None,
+                best_step=best_step, best_val_loss=best_val,
                 train_files=len(train_items), val_files=len(val_items),
                 skipped=[(str(p), r) for p, r in scan.skipped])
 
