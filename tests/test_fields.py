@@ -125,8 +125,9 @@ def test_field_settings_reject_values_that_would_train_nothing():
     for name in ('iterations', 'samples_per_step', 'n_views'):
         with pytest.raises(ValueError, match=f'{name} must be at least 1, got 0'):
             FieldSettings(**{name: 0})
-    with pytest.raises(ValueError, match='lr must be positive'):
-        FieldSettings(lr=0.0)
+    for lr in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match='lr must be a finite number above 0'):
+            FieldSettings(lr=lr)
 
 
 def test_denoise_images_names_bad_arguments(plain_vits):
@@ -151,6 +152,51 @@ def test_denoise_images_cli_fails_when_no_image_could_be_processed(tmp_path, vit
     captured = capsys.readouterr()
     assert '0 done, 0 skipped (already done), 2 failed' in captured.out
     assert 'none of the 2 images could be processed' in captured.err
+
+
+def test_denoise_images_cli_never_writes_a_diverged_result(tmp_path, sample_images, vits_checkpoint, capsys):
+    """Fields that diverge to NaN are counted failed and not written: a file would mark the image done, and
+    stage 2 would refuse it later. A re-run tries them again."""
+    args = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
+            '--images', str(sample_images[0]), '--out', str(tmp_path / 'out'), '--preset', 'fast', '--views', '1',
+            '--iterations', '3', '--image-size', '56', '--lr', '1e30']
+    for _ in range(2):
+        assert cli_main(args) == 1
+        printed = capsys.readouterr()
+        assert '0 done, 0 skipped (already done), 1 failed' in printed.out
+        assert 'stage 1 gave NaN or Inf features (diverged; try a lower --lr)' in printed.out
+        assert not list((tmp_path / 'out').iterdir())
+    with pytest.raises(SystemExit):
+        cli_main([*args[:-1], 'inf'])
+    assert 'must be a number above 0, got inf' in capsys.readouterr().err
+
+
+def test_denoise_images_cli_rank_with_only_bad_images_lets_the_others_finish(tmp_path, vits_checkpoint, monkeypatch,
+                                                                           capsys, caplog):
+    """Under torchrun, a rank whose share is all unreadable exits 0 with a warning: an error would make
+    torchrun stop the ranks still working."""
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    (tmp_path / 'list.txt').write_text('missing1.jpg\nmissing2.jpg\n')
+    args = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
+            '--images', str(tmp_path / 'list.txt'), '--out', str(tmp_path / 'out'), '--preset', 'fast',
+            '--batch-images', '1']
+    assert cli_main(args) == 0
+    assert '0 done, 0 skipped (already done), 1 failed' in capsys.readouterr().out  # rank 1's share: missing2
+    assert 'none of the 1 images of this rank could be processed' in caplog.text
+
+
+def test_denoise_images_cli_checks_the_backend_before_any_work(tmp_path, capsys):
+    """A backend that cannot run here is named before the backbone loads, not after minutes of extraction."""
+    from dvt_timm.fields.encoding import has_tcnn
+    if has_tcnn():
+        pytest.skip('tinycudann is importable here')
+    args = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint',
+            str(tmp_path / 'not_read.safetensors'), '--images', str(tmp_path), '--out', str(tmp_path / 'out'),
+            '--preset', 'fast', '--backend', 'tcnn']
+    (tmp_path / 'photo.jpg').write_bytes(b'not read either')
+    assert cli_main(args) == 1
+    assert "backend 'tcnn' requested but tinycudann is not importable" in capsys.readouterr().err
 
 
 def _run_cli(args, **kwargs):

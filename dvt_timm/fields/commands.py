@@ -7,9 +7,10 @@ from typing import Optional
 
 import torch
 
-from ..cli import positive_int
+from ..cli import positive_float, positive_int
 from ..data import list_images
 from .decomposition import PRESETS
+from .encoding import check_backend
 from .folder import denoise_folder, visuals_dir
 from .pipeline import resolve_settings
 
@@ -41,9 +42,10 @@ def _run(args: argparse.Namespace) -> None:
                      full_view_share=args.full_view_share, lr=args.lr, image_size=args.image_size, seed=args.seed,
                      amp=args.amp, sparse_table_adam=args.sparse_table_adam)
     settings = PRESETS[args.preset].with_overrides(**overrides)  # a bad value fails before the model loads
+    device = _device(args.device)
+    check_backend(args.backend, device or torch.device('cpu'))
     model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
     settings = resolve_settings(settings, model.patch_size)
-    device = _device(args.device)
     if args.tf32:  # the MLPs' fp32 matmuls are most of a paper-settings step's arithmetic (docs/stage1.md)
         torch.set_float32_matmul_precision('high')
     on_cpu = device is None or device.type == 'cpu'
@@ -61,8 +63,11 @@ def _run(args: argparse.Namespace) -> None:
     print(f'stage 1: {summary}')
     for failure in summary.failed:
         print(f'  failed: {failure}')
-    if summary.failed and not (summary.done or summary.skipped):  # so that scripts can tell
-        raise RuntimeError(f'none of the {len(summary.failed)} images could be processed')
+    if summary.failed and not (summary.done or summary.skipped):
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # an error would make torchrun stop the other ranks
+            _logger.warning('none of the %d images of this rank could be processed', len(summary.failed))
+        else:  # so that scripts can tell
+            raise RuntimeError(f'none of the {len(summary.failed)} images could be processed')
 
 
 def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +92,7 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument('--full-view-share', type=float,
                    help="share of each step's samples taken from the full view "
                    f"(paper: {PRESETS['paper'].full_view_share}; fast: {PRESETS['fast'].full_view_share})")
-    g.add_argument('--lr', type=float, help='Adam learning rate of the fields')
+    g.add_argument('--lr', type=positive_float, help='Adam learning rate of the fields')
     g.add_argument('--image-size', type=int, help='squash-resize side (multiple of the patch size)')
     g.add_argument('--seed', type=int, help='run seed; each image draws its views and samples from it and its stem')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
@@ -103,6 +108,6 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument('--backend', choices=('auto', 'torch', 'triton', 'tcnn'), default='auto',
                    help='hash-grid encoding backend')
     r.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
-                   help="GPU: fp32 matmuls (the fields' MLPs) on TF32 tensor cores, "
-                        "torch.set_float32_matmul_precision('high') (default: on)")
+                   help="GPU: fp32 matmuls (the fields' MLPs, and the backbone's with --no-amp) on TF32 "
+                        "tensor cores, torch.set_float32_matmul_precision('high') (default: on)")
     p.set_defaults(func=_run)

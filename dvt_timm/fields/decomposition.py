@@ -58,8 +58,8 @@ class FieldSettings:
             value = getattr(self, name)
             if value is not None and value < 1:  # 0 steps or samples would write untrained fields as done
                 raise ValueError(f'{name} must be at least 1, got {value}')
-        if not self.lr > 0:
-            raise ValueError(f'lr must be positive, got {self.lr}')
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f'lr must be a finite number above 0, got {self.lr}')
 
     def with_overrides(self, **overrides) -> 'FieldSettings':
         """A copy with the given (non-None) settings changed."""

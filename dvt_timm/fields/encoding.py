@@ -28,7 +28,7 @@ from torch import Tensor
 
 __all__ = [
     'HashGridConfig', 'GridLevel', 'MultiHashGrid', 'grid_index', 'hash_grid_torch',
-    'has_triton', 'has_tcnn', 'BACKENDS',
+    'has_triton', 'has_tcnn', 'check_backend', 'BACKENDS',
 ]
 
 BACKENDS = ('torch', 'triton', 'tcnn')
@@ -234,6 +234,22 @@ def _triton_interpret() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
+def check_backend(name: str, device: torch.device) -> None:
+    """Raise, naming what is missing, when backend `name` cannot run on `device` ('auto' and 'torch' always can),
+    so that a run can fail before its first minutes of feature extraction rather than after them."""
+    if name == 'triton':
+        if not has_triton():
+            raise RuntimeError("backend 'triton' requested but triton is not installed")
+        if device.type != 'cuda' and not _triton_interpret():
+            raise RuntimeError(
+                "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is imported)")
+    elif name == 'tcnn':
+        if not has_tcnn():
+            raise RuntimeError("backend 'tcnn' requested but tinycudann is not importable (needs a CUDA build)")
+        if device.type != 'cuda':
+            raise RuntimeError("backend 'tcnn' needs a CUDA device")
+
+
 class MultiHashGrid(nn.Module):
     """`n_fields` independent 2-D hash-grid encodings evaluated in one call.
 
@@ -335,11 +351,7 @@ class MultiHashGrid(nn.Module):
         return self._forward_tcnn(coords)
 
     def _forward_triton(self, coords: Tensor) -> Tensor:
-        if not has_triton():
-            raise RuntimeError("backend 'triton' requested but triton is not installed")
-        if coords.device.type != 'cuda' and not _triton_interpret():
-            raise RuntimeError(
-                "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)")
+        check_backend('triton', coords.device)
         if self.params.dtype != torch.float32:
             raise RuntimeError(f"backend 'triton' supports fp32 params only, got {self.params.dtype}")
         from .encoding_triton import hash_grid_triton
@@ -363,10 +375,7 @@ class MultiHashGrid(nn.Module):
         return self._tcnn_native[key]
 
     def _forward_tcnn(self, coords: Tensor) -> Tensor:
-        if not has_tcnn():
-            raise RuntimeError("backend 'tcnn' requested but tinycudann is not importable (needs a CUDA build)")
-        if coords.device.type != 'cuda':
-            raise RuntimeError("backend 'tcnn' needs CUDA tensors")
+        check_backend('tcnn', coords.device)
         if self.params.dtype != torch.float32:
             raise RuntimeError(f"backend 'tcnn' supports fp32 params only, got {self.params.dtype}")
         native, loss_scale = self._native_tcnn(coords.device)

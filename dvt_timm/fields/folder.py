@@ -104,9 +104,10 @@ def _rank_world() -> tuple:
 
 
 def _remove_stale_temps(out_dir: Path, images: Sequence[Path]) -> None:
-    """Drop temp files a killed run left behind (only this rank's images: other ranks may be writing)."""
-    mine = {output_path(out_dir, p).name for p in images}
-    for tmp in out_dir.glob('.*.tmp'):
+    """Drop temp files a killed run left behind, of features and of visuals (only this rank's images: other
+    ranks may be writing)."""
+    mine = {name for p in images for name in (output_path(out_dir, p).name, f'{p.stem}.png')}
+    for tmp in [*out_dir.glob('.*.tmp'), *visuals_dir(out_dir).glob('.*.tmp')]:
         if any(tmp.name.startswith(f'.{name}.') for name in mine):
             tmp.unlink(missing_ok=True)
 
@@ -173,6 +174,12 @@ def denoise_folder(
                                  backend=backend, progress=progress)
         for p, image, result in zip(paths, loaded, results):
             if p in finished:
+                continue
+            if not (result.raw.isfinite().all() and result.denoised.isfinite().all()):
+                # Never written: a file marks the image done, and stage 2 would refuse it later.
+                summary.failed.append(f'{p}: stage 1 gave NaN or Inf features (diverged; try a lower --lr)')
+                _logger.warning('skipping %s', summary.failed[-1])
+                bar.update(1)
                 continue
             out = output_path(out_dir, p)
             meta = {**expected, 'patch_size': str(settings.image_size // result.raw.shape[0]), 'image': str(p),

@@ -84,8 +84,9 @@ def image_view_features(
     views drawn from `seed`, and their image coordinates (V, K, K, 2).
 
     `image` is normalised (3, S, S) at the settings' (resolved) image size. Views are rendered on the
-    backbone's device, `extract_batch` at a time, into one buffer: fp32 on the CPU, bf16 on the GPU, where
-    769 views of ViT-B at 518 px would otherwise hold 2.5 GB of pixels and 3.2 GB of fp32 features at once."""
+    backbone's device, `extract_batch` at a time, into one buffer: bf16 on the GPU with `amp` (the features'
+    precision there anyway), where 769 views of ViT-B at 518 px would otherwise hold 3.2 GB of fp32 features,
+    else fp32."""
     size = settings.image_size
     views = sample_views(settings.n_views, size, torch.Generator().manual_seed(seed),
                          settings.crop_scale, settings.crop_ratio)
@@ -96,7 +97,7 @@ def image_view_features(
         chunk = extract_view_features(backbone, render_views(image, views[start:start + extract_batch]),
                                       extract_batch, amp)
         if feats is None:
-            dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+            dtype = torch.bfloat16 if device.type == 'cuda' and amp else torch.float32
             feats = torch.empty((len(views), *chunk.shape[1:]), dtype=dtype, device=device)
         feats[start:start + len(chunk)] = chunk
     return feats, view_coords(views, size, size // backbone.patch_embed.patch_size[0])
@@ -149,7 +150,7 @@ def denoise_images(
     for image, seed in zip(images, seeds):
         feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed, amp,
                                         extract_batch)
-        features.append(feats)  # bf16 on the GPU: 769 views of ViT-B features are 1.6 GB per image even so
+        features.append(feats)  # bf16 on the GPU with amp: 769 views of ViT-B features are 1.6 GB per image even so
         coords.append(xy)
         if progress is not None:
             progress('extract', 1)
