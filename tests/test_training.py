@@ -308,6 +308,34 @@ def test_best_holds_the_weights_with_the_lowest_held_out_loss(tmp_path, monkeypa
     assert DenoisedViT(BACKBONE, denoiser_checkpoint=out / 'best').denoiser.pos_embed.shape[-1] == C
 
 
+def test_best_follows_the_checkpoint_after_a_kill(stage1_dir, tmp_path):
+    """best/ is written at each better validation, so a kill can leave it ahead of checkpoint.pt; --resume puts
+    back the checkpoint's best/ (--val-every may change on resume, so that validation may never come again).
+    A new run in a folder whose last run died before its first checkpoint starts without that run's best/."""
+    out = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'dvt_timm.training']
+    kill = subprocess.run(cmd + _cli_args(stage1_dir, out, val_every=2, stop_after_steps=7), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert kill.returncode == -signal.SIGKILL, kill.stderr[-2000:]
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert state['step'] == 4 and state['best'][1] == 4
+    assert '(these weights: step 6)' in (out / 'best' / 'README.md').read_text()  # ahead of the checkpoint
+    # Resumed without validation, and killed again before anything else is written.
+    kill = subprocess.run(cmd + _cli_args(stage1_dir, out, val_every=0, stop_after_steps=5) + ['--resume'],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert kill.returncode == -signal.SIGKILL, kill.stderr[-2000:]
+    assert '(these weights: step 4)' in (out / 'best' / 'README.md').read_text()
+    best = load_file(str(out / 'best' / 'model.safetensors'))
+    assert all(torch.equal(best[k], state['best_weights'][k]) for k in state['best_weights'])
+
+    fresh = tmp_path / 'fresh'
+    kill = subprocess.run(cmd + _cli_args(stage1_dir, fresh, val_every=2, ckpt_every=100, stop_after_steps=3),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert kill.returncode == -signal.SIGKILL and (fresh / 'best').is_dir() and not (fresh / 'checkpoint.pt').exists()
+    train(_config(stage1_dir, fresh, steps=4, val_frac=0))
+    assert not (fresh / 'best').exists()
+
+
 def test_validation_cadence_does_not_change_the_weights(tmp_path):
     """--val-every may change on --resume (it is not run-defining), so validating must not move the run."""
     write_stage1(tmp_path / 'data', {(8, 8): 16})

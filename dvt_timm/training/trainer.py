@@ -9,11 +9,12 @@ Reproducibility is by construction: the data order of every epoch is a seeded gl
 into global batches (each of one patch grid), and each rank takes an interleaved slice of each batch,
 so the order never depends on the number of processes; DDP averages per-rank mean-loss gradients,
 which equals the one-process gradient of the global batch. A checkpoint (model, optimizer, scheduler,
-step, every rank's RNG state) is written atomically every `ckpt_every` steps; a resumed run
+step, every rank's RNG state, the best weights) is written atomically every `ckpt_every` steps; a resumed run
 regenerates the same batches from the step counter, so it ends with the same weights as an
 uninterrupted one (bit for bit on the CPU; on CUDA up to the kernels' own non-determinism).
 The final denoiser is the last step's; `best/` holds the one of the validation with the lowest
-held-out loss, as timm's train.py keeps `model_best`.
+held-out loss, as timm's train.py keeps `model_best`. Its weights are in the checkpoint too, and --resume
+rewrites `best/` from them: a kill after a validation and before the next checkpoint may have left it ahead.
 On several nodes every node needs the same `--data` files (checked); `--out` is written and read by
 rank 0 alone, so it need not be shared.
 """
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from collections import Counter
@@ -323,11 +325,12 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 """
 
 
-def _write_denoiser(out: Path, module: Denoiser, config: DenoiserConfig, settings: Dict[str, Any], step: int,
-                    n_train: int, n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> None:
+def _write_denoiser(out: Path, weights: Dict[str, torch.Tensor], config: DenoiserConfig, settings: Dict[str, Any],
+                    step: int, n_train: int, n_val: int, val_loss: Optional[float],
+                    identity_loss: Optional[float]) -> None:
     """config.json, model.safetensors and a model card in `out`, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    write_denoiser_checkpoint(out, module.state_dict(), config)
+    write_denoiser_checkpoint(out, weights, config)
     card = _model_card(config.backbone, config.input_size, settings, step, n_train, n_val, val_loss, identity_loss)
     atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
 
@@ -422,12 +425,14 @@ def _plain(value: Any) -> Any:
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Run (or resume) stage-2 training; returns a summary. Call once per process under torchrun."""
+    """Run (or resume) stage-2 training; returns a summary. Call once per process under torchrun; a process
+    group the caller made is used and left as it was."""
+    ours = not (dist.is_available() and dist.is_initialized())
     env = setup_distributed(cfg.device)
     try:
         return _train(cfg, env)
     finally:
-        if env.distributed and dist.is_initialized():
+        if ours and env.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -487,6 +492,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, total, peak, cfg.warmup_frac, cfg.min_lr) / peak)
     step, last_val, best = 0, None, None  # best: (held-out loss, step) of the weights in best/
+    best_weights: Optional[Dict[str, torch.Tensor]] = None  # kept in the checkpoint, so --resume can restore best/
     log = _JsonLog(out / LOG_NAME, env.is_main)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -497,6 +503,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         scheduler.load_state_dict(saved['scheduler'])
         step, last_val = int(saved['step']), saved.get('val_loss')
         best = tuple(saved['best']) if saved.get('best') else None
+        best_weights = saved.get('best_weights')
         rngs = saved['rng']
         if len(rngs) != env.world_size and env.is_main:
             _logger.warning('resuming a %d-process run with %d processes: same data order, but not bit-exact',
@@ -509,8 +516,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         if env.is_main:
             _logger.info('resumed %s at step %d of %d', ckpt_path, step, total)
     else:
-        if env.is_main and log.path.is_file():
-            log.path.unlink()  # left by a run killed before its first checkpoint: nothing of it survives
+        if env.is_main:  # left by a run killed before its first checkpoint: nothing of it survives
+            log.path.unlink(missing_ok=True)
+            shutil.rmtree(out / BEST_DIR, ignore_errors=True)
         log(event='start', step=0, settings=settings, world_size=env.world_size, device=str(env.device),
             train_files=len(train_items), val_files=len(val_items),
             skipped=[{'file': p.name, 'reason': r} for p, r in scan.skipped])
@@ -537,7 +545,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                          model=module.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
                          train_files=train_names, val_files=val_names, val_loss=last_val, best=best,
-                         denoiser_config=denoiser_config.to_dict())
+                         best_weights=best_weights, denoiser_config=denoiser_config.to_dict())
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
             log(event='checkpoint', step=step)
 
@@ -547,8 +555,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         val_sampler.batches = eval_batches(val_ds.grids, cfg.batch_size // env.world_size, env.rank, env.world_size)
         return evaluate(m, val_loader, env, cfg.amp)
 
+    def write_best() -> None:
+        if env.is_main:
+            _write_denoiser(out / BEST_DIR, best_weights, denoiser_config, settings, best[1], len(train_items),
+                            len(val_items), best[0], identity_val)
+
     def validate() -> None:
-        nonlocal last_val, best
+        nonlocal last_val, best, best_weights
         last_val = held_out_loss(module)
         if last_val is None:
             return
@@ -556,9 +569,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         # Every rank agrees (the loss is all-reduced); a NaN loss is never the best.
         if math.isfinite(last_val) and (best is None or last_val < best[0]):
             best = (last_val, step)
-            if env.is_main:  # a kill before the next checkpoint is repaired by --resume, which redoes this
-                _write_denoiser(out / BEST_DIR, module, denoiser_config, settings, step, len(train_items),
-                                len(val_items), last_val, identity_val)
+            best_weights = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+            write_best()
 
     train_sampler, val_sampler = _BatchList(), _BatchList()
     train_loader = _loader(train_ds, train_sampler, cfg.workers, env.device)
@@ -566,6 +578,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     identity_val = held_out_loss(_Identity())  # recomputed on resume: the held-out files are fixed
     if identity_val is not None and not resume:
         log(event='baseline', step=0, identity_val_loss=identity_val)
+    if resume and env.is_main:  # best/ as the checkpoint has it: a kill may have left it a later validation's
+        if best_weights is not None:
+            write_best()
+        elif best is None:
+            shutil.rmtree(out / BEST_DIR, ignore_errors=True)
     if env.is_main:
         _logger.info('training a %s denoiser on %d files (%d held out, %d skipped): %d steps of %d, lr %.3g, %s x%d',
                      data_backbone, len(train_items), len(val_items), len(scan.skipped), total, cfg.batch_size,
@@ -602,12 +619,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                                     **({'val': f'{last_val:.4f}'} if last_val is not None else {}))
                     loss_sum.zero_()
                     window_steps, window_start = 0, time.perf_counter()
+                paused = time.perf_counter()  # validation and checkpoints stay out of the throughput
                 if step < total and cfg.val_every and step % cfg.val_every == 0:
                     validate()
-                    window_start = time.perf_counter()  # keep validation out of the throughput
                 if step < total and cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     save_checkpoint()
-                    window_start = time.perf_counter()  # and checkpoints
+                window_start += time.perf_counter() - paused
                 if cfg.stop_after_steps is not None and step == cfg.stop_after_steps:
                     os.kill(os.getpid(), signal.SIGKILL)  # testing: a hard kill, no clean-up of any kind
                 if step >= total:
@@ -620,8 +637,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     # The final model comes after the final checkpoint: a kill in between is repaired by --resume.
     best_val, best_step = best or (None, None)
     if env.is_main:
-        _write_denoiser(out, module, denoiser_config, settings, step, len(train_items), len(val_items), last_val,
-                        identity_val)
+        _write_denoiser(out, module.state_dict(), denoiser_config, settings, step, len(train_items), len(val_items),
+                        last_val, identity_val)
         log(event='done', step=step, val_loss=last_val, best_step=best_step)
         _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)%s',
                      out, data_backbone, step, loss_text(last_val), loss_text(identity_val),
