@@ -95,6 +95,8 @@ def atomic_write(path: PathLike, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        with open(tmp, 'rb') as f:  # on disk before the rename, so that a crash cannot leave `path` empty
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -139,14 +141,28 @@ def load_state_dict_file(path: PathLike) -> Dict[str, object]:
     return obj
 
 
+def _refuse_backbone(sd: Dict[str, object], path: Path) -> None:
+    """A ViT's own weights given where a denoiser belongs: say so, rather than fail on their shapes."""
+    for key in ('state_dict', 'model'):  # as training scripts wrap them
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    top = {k.removeprefix('module.').removeprefix('model.').split('.', 1)[0] for k in sd}
+    if {'patch_embed', 'blocks'} <= top:
+        raise CheckpointError(f'{path}: holds backbone weights (patch_embed, blocks), not a denoiser; pass it as '
+                              'backbone_checkpoint (CLI: --backbone-checkpoint)')
+
+
 def _from_authors(obj: Dict[str, object], path: Path) -> Dict[str, torch.Tensor]:
-    """Rename an authors' denoiser dict (`pos_embed`, `denoiser.*`) to ours (`pos_embed`, `block.*`)."""
+    """Rename an authors' denoiser dict (`pos_embed`, `denoiser.*`) to ours (`pos_embed`, `block.*`); a `.pth`
+    of our own layout (`torch.save(model.denoiser.state_dict())`) passes unchanged."""
     sd = obj.get('denoiser', obj) if isinstance(obj, dict) else None
+    if isinstance(sd, dict):
+        _refuse_backbone(sd, path)
     if not isinstance(sd, dict) or 'pos_embed' not in sd:
         raise CheckpointError(f'{path}: not a DVT denoiser checkpoint (no "denoiser" entry with "pos_embed")')
     out = {}
     for k, v in sd.items():
-        if k == 'pos_embed':
+        if k == 'pos_embed' or k.startswith('block.'):
             out[k] = v
         elif k.startswith('denoiser.'):
             out['block.' + k[len('denoiser.'):]] = v
@@ -179,6 +195,7 @@ def read_denoiser_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], D
         sd = _from_authors(obj, path)
         named = timm.is_model(backbone_arch(path.stem)) and path.stem.count('.') <= 1
         return sd, _config_from_weights(sd, path.stem if named else '', path)
+    _refuse_backbone(obj, path)
     return obj, read_denoiser_config(path) or _config_from_weights(obj, '', path)
 
 

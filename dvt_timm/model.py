@@ -76,6 +76,17 @@ def _first_lines(text: str, n: int = 6) -> str:
     return '\n'.join(lines[:n] + ([f'... ({len(lines) - n} more lines)'] if len(lines) > n else []))
 
 
+def _intermediates_dict(patches: List[torch.Tensor], prefixes: Optional[List[torch.Tensor]],
+                        final: Optional[torch.Tensor]) -> Dict[str, Any]:
+    """`forward_intermediates(output_dict=True)`'s result, with timm VisionTransformer's keys."""
+    out: Dict[str, Any] = {'image_intermediates': list(patches)}
+    if prefixes is not None:
+        out['image_intermediates_prefix'] = list(prefixes)
+    if final is not None:
+        out['image_features'] = final
+    return out
+
+
 class DenoisedViT(
         nn.Module,
         ModelHubMixin,
@@ -97,7 +108,7 @@ class DenoisedViT(
         backbone_checkpoint: a timm-layout state dict (`.safetensors` or `.pth`) for the backbone.
         denoiser_checkpoint: an authors' `.pth`, or a directory / `model.safetensors` in our format.
         grid_size: side K of the denoiser's learned position embedding; defaults to the patch grid at
-            518 px (patch 14) or 512 px (other patch sizes).
+            518 px (patch 14) or 512 px (other patch sizes). A loaded denoiser checkpoint brings its own.
         freeze_backbone: freeze the backbone's parameters and keep it in eval mode.
         **backbone_kwargs: passed to `timm.create_model` for the backbone (e.g. `num_classes`,
             `dynamic_img_pad=True` to accept sizes that are not multiples of the patch size).
@@ -271,7 +282,7 @@ class DenoisedViT(
         """Load denoiser weights from an authors' `.pth` or our format, checking they fit this backbone."""
         sd, cfg = read_denoiser_checkpoint(path)
         mine = self.denoiser_config()
-        for name in ('embed_dim', 'grid_size', 'patch_size', 'num_heads'):
+        for name in ('embed_dim', 'patch_size', 'num_heads'):
             theirs = getattr(cfg, name)
             if theirs and theirs != getattr(mine, name):
                 raise CheckpointError(
@@ -279,10 +290,14 @@ class DenoisedViT(
         if cfg.backbone and self.backbone_name and backbone_arch(cfg.backbone) != backbone_arch(self.backbone_name):
             raise CheckpointError(
                 f'{path}: denoiser was trained for backbone {cfg.backbone}, not {self.backbone_name}')
+        if cfg.grid_size and cfg.grid_size != self.denoiser.grid_size:
+            # The position embedding is resized to any patch grid, so its stored size is the checkpoint's to choose.
+            pos = self.denoiser.pos_embed
+            self.denoiser = Denoiser(self.embed_dim, cfg.grid_size).to(pos.device, pos.dtype)
         try:
             self.denoiser.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f'{path}: denoiser weights do not fit: {e}') from e
+            raise CheckpointError(f'{path}: denoiser weights do not fit: {_first_lines(str(e))}') from e
         # The data config follows the size the denoiser was trained at, when its config records one.
         self.denoiser_input_size = cfg.input_size
         self._set_input_size()
@@ -290,6 +305,10 @@ class DenoisedViT(
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.denoiser is None:
             raise RuntimeError('this model has no denoiser to save')
+        if any(p.requires_grad for p in self.backbone.parameters()):
+            _logger.warning('save_pretrained writes the denoiser only: the backbone is trainable here '
+                            '(freeze_backbone=False), and weights it has learned are not saved; save '
+                            'model.backbone.state_dict() yourself and load it with backbone_checkpoint=')
         write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
@@ -348,7 +367,8 @@ class DenoisedViT(
                                   "DenoisedViT('<backbone>', denoiser_checkpoint=...) instead")
         for name in DenoiserConfig.__dataclass_fields__:  # ModelHubMixin injects config.json entries
             model_kwargs.pop(name, None)
-        return cls(cfg.backbone, pretrained=backbone_checkpoint is None, backbone_checkpoint=backbone_checkpoint,
+        pretrained = model_kwargs.pop('pretrained', backbone_checkpoint is None)  # False: a random backbone
+        return cls(cfg.backbone, pretrained=pretrained, backbone_checkpoint=backbone_checkpoint,
                    denoiser_checkpoint=source, grid_size=cfg.grid_size, **model_kwargs)
 
     # ----------------------------------------------------------------- forward
@@ -440,13 +460,21 @@ class DenoisedViT(
         take_indices, max_index = feature_take_indices(last + 1, indices)
         denoise_last = self._denoising and last in take_indices
         denoise_final = self._denoising and not intermediates_only and (not stop_early or max_index == last)
+        n = self.num_prefix_tokens
+        with_prefix = return_prefix_tokens and n > 0
+        output_dict = kwargs.pop('output_dict', False)  # built here: Eva's forward_intermediates has no such option
         if not (denoise_last or denoise_final):
-            return self.backbone.forward_intermediates(
+            out = self.backbone.forward_intermediates(
                 x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
                 output_fmt=output_fmt, intermediates_only=intermediates_only, **kwargs)
+            if not output_dict:
+                return out
+            final, inter = (None, out) if intermediates_only else out
+            prefixes = None
+            if with_prefix:  # (patches, prefix) pairs
+                inter, prefixes = [list(t) for t in zip(*inter)] if inter else ([], [])
+            return _intermediates_dict(inter, prefixes, final)
 
-        n = self.num_prefix_tokens
-        output_dict = kwargs.pop('output_dict', False)
         final, inter = self.backbone.forward_intermediates(
             x, indices=indices, return_prefix_tokens=bool(n), norm=norm, stop_early=stop_early,
             output_fmt='NLC', intermediates_only=False, **kwargs)
@@ -460,13 +488,9 @@ class DenoisedViT(
         if output_fmt == 'NCHW':
             patches = [y.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
         if output_dict:
-            out = {'image_intermediates': patches}
-            if return_prefix_tokens and n:
-                out['image_intermediates_prefix'] = prefixes
-            if not intermediates_only:
-                out['image_features'] = final
-            return out
-        intermediates = list(zip(patches, prefixes)) if return_prefix_tokens and n else patches
+            return _intermediates_dict(patches, prefixes if with_prefix else None,
+                                       None if intermediates_only else final)
+        intermediates = list(zip(patches, prefixes)) if with_prefix else patches
         return intermediates if intermediates_only else (final, intermediates)
 
     def prune_intermediate_layers(

@@ -159,6 +159,9 @@ def _create_dvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Denois
     """Build through timm's `build_model_with_cfg` (pretrained cfg, `features_only`) with DVT's loading:
     backbone weights via timm, the denoiser via the Hub, and `backbone_checkpoint=` /
     `denoiser_checkpoint=` file overrides that load whether or not `pretrained` is set."""
+    if kwargs.get('features_only') and kwargs.get('feature_cls', 'getter') != 'getter':
+        raise ValueError(f"{variant}: features_only supports feature_cls='getter' (the default) only: "
+                         f"{kwargs['feature_cls']!r} would read the backbone's blocks and bypass the denoiser")
     overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
                                  pretrained_cfg_overlay=overlay)

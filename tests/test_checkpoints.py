@@ -1,6 +1,7 @@
 """Checkpoint formats, the Hub path (offline, real huggingface_hub cache), errors and `dvt-timm convert`."""
 import datetime
 import json
+import logging
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 import dvt_timm  # noqa: F401
 from dvt_timm import CheckpointError, DenoisedViT
@@ -92,11 +94,22 @@ def test_mismatched_embed_dim_names_both_values(tmp_path):
         DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=path)
 
 
-def test_mismatched_grid_names_both_values(tmp_path):
+def test_mismatched_patch_size_names_both_values(tmp_path):
     path = tmp_path / 'denoiser.pth'
-    write_authors_checkpoint(path, C=384, grid=32)
-    with pytest.raises(CheckpointError, match=r'grid_size is 32 but backbone .* needs 37'):
+    write_authors_checkpoint(path, C=384, grid=32)  # the authors' 32x32 embeddings are their patch-16 models'
+    with pytest.raises(CheckpointError, match=r'patch_size is 16 but backbone .* needs 14'):
         DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=path)
+
+
+def test_a_denoiser_of_another_grid_size_loads_through_every_path(tmp_path):
+    """The position embedding is resized to any patch grid, so its stored size is the checkpoint's to choose."""
+    saved = DenoisedViT('vit_small_patch14_dinov2', grid_size=16)
+    saved.save_pretrained(tmp_path / 'ours')
+    for loaded in (timm.create_model('dvt_vit_small_patch14_dinov2', denoiser_checkpoint=tmp_path / 'ours'),
+                   DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=tmp_path / 'ours'),
+                   DenoisedViT.from_pretrained(tmp_path / 'ours', pretrained=False)):  # offline: a random backbone
+        assert loaded.denoiser.grid_size == 16
+        assert torch.equal(loaded.denoiser.pos_embed, saved.denoiser.pos_embed)
 
 
 def test_checkpoint_for_another_backbone(tmp_path, authors_file):
@@ -156,6 +169,31 @@ def test_a_file_that_is_not_backbone_weights_says_what_it_is(tmp_path, authors_f
         with pytest.raises(CheckpointError, match='is a denoiser checkpoint, not backbone weights; pass it as '
                                                   'denoiser_checkpoint'):
             DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=denoiser_file)
+
+
+def test_backbone_weights_given_as_the_denoiser_say_what_they_are(tmp_path, vits_checkpoint):
+    torch.save({'model': load_file(str(vits_checkpoint))}, tmp_path / 'backbone.pth')
+    for backbone_file in (vits_checkpoint, tmp_path / 'backbone.pth'):
+        with pytest.raises(CheckpointError, match=r'holds backbone weights \(patch_embed, blocks\), not a denoiser; '
+                                                  'pass it as backbone_checkpoint'):
+            DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=backbone_file)
+
+
+def test_a_pth_of_our_own_layout_loads(tmp_path, authors_file):
+    """`torch.save(model.denoiser.state_dict(), ...)` loads back (safetensors via save_pretrained is preferred)."""
+    model = DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0])
+    torch.save(model.denoiser.state_dict(), tmp_path / 'denoiser.pth')
+    again = DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=tmp_path / 'denoiser.pth')
+    theirs, ours = model.denoiser.state_dict(), again.denoiser.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_save_pretrained_warns_that_a_trainable_backbone_is_not_saved(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        DenoisedViT('vit_small_patch14_dinov2').save_pretrained(tmp_path / 'frozen')
+        assert 'backbone is trainable' not in caplog.text
+        DenoisedViT('vit_small_patch14_dinov2', freeze_backbone=False).save_pretrained(tmp_path / 'tuned')
+    assert 'writes the denoiser only: the backbone is trainable here' in caplog.text
 
 
 def test_a_dvt_model_name_is_not_a_backbone():

@@ -115,6 +115,9 @@ def test_features_only_keeps_the_denoiser(vits_checkpoint, authors_file, photos)
     early = timm.create_model('dvt_vit_small_patch14_dinov2', features_only=True, out_indices=(2, 4))
     assert early.model.denoiser is None and len(early.model.backbone.blocks) == 5
     assert [o.shape[1] for o in early(photos)] == [384, 384]
+    # Hooks would read the backbone's blocks and bypass the denoiser.
+    with pytest.raises(ValueError, match="supports feature_cls='getter' .* only: 'hook' would read"):
+        timm.create_model('dvt_vit_small_patch14_dinov2', features_only=True, feature_cls='hook')
 
 
 def test_input_checks(model, photos):
@@ -164,6 +167,15 @@ def test_eva_family_off_is_identical():
         ref = plain.forward_intermediates(x, indices=2, norm=True, return_prefix_tokens=True)
         assert torch.equal(out[1][0][0], ref[1][0][0]) and not torch.equal(out[1][1][0], ref[1][1][0])
         assert torch.equal(out[0][:, :1], ref[0][:, :1])
+        # output_dict (timm VisionTransformer's option, which Eva lacks) with the denoiser on or off.
+        ref = plain.forward_intermediates(x, indices=2, return_prefix_tokens=True)
+        for on in (False, True):
+            d = model.denoise(on).forward_intermediates(x, indices=2, return_prefix_tokens=True, output_dict=True)
+            assert sorted(d) == ['image_features', 'image_intermediates', 'image_intermediates_prefix']
+            assert torch.equal(d['image_intermediates'][0], ref[1][0][0])
+            assert torch.equal(d['image_intermediates_prefix'][0], ref[1][0][1])
+            assert torch.equal(d['image_intermediates'][1], ref[1][1][0]) is not on  # the last block's: denoised
+            assert torch.equal(d['image_features'], ref[0]) is not on
 
 
 def test_direct_model_has_a_timm_data_config():
