@@ -50,10 +50,11 @@ def main() -> None:
     print(f'{args.data}: {len(data)} images, {data.num_classes} classes ({data.labels_format} labels)')
     feats = extract_features(model, data.images, args.size, names=data.names)
     names = data.class_names()
+    labels = data.labels_for(feats.names)  # an image that could not be read has no features
     results = {
-        'knn-centroid': {v: knn_segmentation(feats.maps[v], data.labels, data.num_classes, k=args.k,
+        'knn-centroid': {v: knn_segmentation(feats.maps[v], labels, data.num_classes, k=args.k,
                                              seed=args.seed, class_names=names) for v in feats.variants},
-        'linear': {v: linear_probe(feats.maps[v], data.labels, data.num_classes, seed=args.seed,
+        'linear': {v: linear_probe(feats.maps[v], labels, data.num_classes, seed=args.seed,
                                    steps=args.probe_steps, class_names=names) for v in feats.variants},
     }
     print(format_table(results))

@@ -61,6 +61,10 @@ def test_read_label_formats(tmp_path):
     assert detect_label_format([binary]) == 'binary'
     assert detect_label_format([index]) == 'index'
     assert detect_label_format([rgb]) == 'voc'
+    # Binary reading would merge every other class into 1, so a binary guess must hold for every file, not
+    # only for the first ones probed.
+    later = _write(tmp_path / 'later.png', np.array([[0, 1], [10, 11]], dtype=np.uint8))
+    assert detect_label_format([binary] * 8 + [later]) == 'index'
 
     bad_colour = _write(tmp_path / 'bad.png', np.full((2, 2, 3), 17, dtype=np.uint8))
     with pytest.raises(ValueError, match=r'bad\.png.*not in the VOC palette'):
@@ -117,7 +121,7 @@ def test_labeled_folder_skips_a_label_of_another_aspect_ratio(tmp_path, caplog):
     assert 'aspect ratio' in lf.skipped[str(root / 'masks' / 'im1.png')]
 
 
-def test_pairing_layouts(tmp_path, caplog):
+def test_pairing_layouts(tmp_path, caplog, monkeypatch):
     flat = tmp_path / 'flat'
     flat.mkdir()
     for i in (2, 10):
@@ -131,6 +135,13 @@ def test_pairing_layouts(tmp_path, caplog):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'anns' / 'x.png')
     assert find_label_pairs(tmp_path / 'pics', labels_dir=tmp_path / 'anns') == [
         (tmp_path / 'pics' / 'x.jpg', tmp_path / 'anns' / 'x.png')]
+    # A label folder inside the data folder, named by a relative path: its labels are not images.
+    (tmp_path / 'pics' / 'gt').mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'pics' / 'gt' / 'x.png')
+    monkeypatch.chdir(tmp_path)
+    assert find_label_pairs('pics', labels_dir='pics/gt') == [(Path('pics/x.jpg'), Path('pics/gt/x.png'))]
+    (tmp_path / 'pics' / 'gt' / 'x.png').unlink()
+    (tmp_path / 'pics' / 'gt').rmdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'pics' / 'unlabelled.jpg')
     with caplog.at_level(logging.WARNING):  # an image without a label is left out, and said to be
         assert len(find_label_pairs(tmp_path / 'pics', labels_dir=tmp_path / 'anns')) == 1
@@ -161,6 +172,8 @@ def test_confusion_matrix_known_answer():
     assert batch[0].item() == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3) and math.isnan(batch[1].item())
     with pytest.raises(ValueError, match='differ in shape'):
         cm.update(pred[:1], target)
+    with pytest.raises(ValueError, match=r'class ids must be in \[0, 3\).*predictions in \[0, 3\]'):
+        cm.update(torch.tensor([3, 0]), torch.tensor([0, 0]))  # not counted in another class's cell
 
 
 def test_bootstrap_miou_pairs_the_resamples():
@@ -416,6 +429,17 @@ def test_extract_features_recomputes_a_corrupt_cache_file(vits, sample_images, t
     assert 'recomputing' not in caplog.text
 
 
+def test_extract_features_cache_sees_an_image_replaced_at_the_same_path(vits, sample_images, tmp_path):
+    photo = tmp_path / 'photo.png'
+    photo.write_bytes(sample_images[0].read_bytes())
+    first = extract_features(vits, [photo], 56, variants=('raw',), cache_dir=tmp_path / 'cache', progress=False)
+    photo.write_bytes(sample_images[1].read_bytes())
+    again = extract_features(vits, [photo], 56, variants=('raw',), cache_dir=tmp_path / 'cache', progress=False)
+    fresh = extract_features(vits, [photo], 56, variants=('raw',), progress=False)
+    assert torch.equal(again.maps['raw'], fresh.maps['raw'])
+    assert not torch.allclose(again.maps['raw'], first.maps['raw'])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_extract_features_runs_a_cuda_model_and_mixes_in_cached_maps(tmp_path):
     import copy
@@ -499,6 +523,20 @@ def test_evaluate_command_on_voc(vits_checkpoint, tmp_path, capsys, monkeypatch)
     # Deterministic for a fixed seed (features come from the cache the first run wrote).
     again = _evaluate(argv)
     assert again['results'] == report['results']
+
+
+def test_evaluate_command_writes_strict_json(vits_checkpoint, tmp_path):
+    """A score that does not exist (CorLoc without boxes) is null in the results file: NaN is not JSON, and
+    strict parsers (JavaScript's, jq's) reject it."""
+    out = tmp_path / 'lost.json'
+    _evaluate(['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--no-pretrained', '--data',
+               str(shared_path('data', 'voc_val_samples')), '--size', '56', '--limit', '2', '--protocol', 'lost',
+               '--out', str(out)])
+
+    def refuse(constant):
+        raise ValueError(f'{constant} in {out}')
+    saved = json.loads(out.read_text(), parse_constant=refuse)
+    assert saved['results']['lost']['raw']['corloc'] is None
 
 
 def test_evaluate_command_rejects_a_bad_split_before_the_backbone_pass(vits_checkpoint, tmp_path, monkeypatch):

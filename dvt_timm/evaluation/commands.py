@@ -294,8 +294,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
 
     labels = None
     if labeled is not None:
-        index = {n: i for i, n in enumerate(labeled.names)}
-        labels = [labeled.labels[index[n]] for n in fs.names]
+        labels = labeled.labels_for(fs.names)
 
     # --- protocols
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
@@ -347,10 +346,21 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     intervals = format_intervals(results, args.bootstrap) if args.bootstrap else ''
     if intervals:  # empty when no protocol scored mIoU
         print(intervals)
-    text = json.dumps(report, indent=2, default=_json_default)
+    text = json.dumps(_finite_or_null(report), indent=2, default=_json_default, allow_nan=False)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(f'wrote {args.out}')
     return report
+
+
+def _finite_or_null(o: Any) -> Any:
+    """NaN and Inf (e.g. CorLoc with no boxes) as null: json.dumps would write NaN, which is not JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_or_null(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -104,9 +104,12 @@ def _size_tuple(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _cache_key(name: str) -> str:
+def _cache_key(path: Path) -> str:
+    """A cache file name for an image: its path, readable, and a digest of the path, size and modification
+    time, so that an image replaced at the same path is a new image."""
+    name, stat = str(path.resolve()), path.stat()
     safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)
-    return f'{safe[-80:]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}'
+    return f'{safe[-80:]}-{hashlib.sha1(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:8]}'
 
 
 def _read_maps(path: Path, expected_format: str, required: str = 'raw') -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -204,7 +207,7 @@ def extract_features(
     meta = {'format': _CACHE_FORMAT, 'model': dvt.backbone_name, 'input_size': f'{H},{W}'}
 
     def cache_file(path: Path, variant: str) -> Path:
-        return cache / f'{_cache_key(str(path.resolve()))}.{tags[variant]}.safetensors'
+        return cache / f'{_cache_key(path)}.{tags[variant]}.safetensors'
 
     kept: List[int] = []
     sizes: List[Tuple[int, int]] = []

@@ -104,12 +104,18 @@ def read_label(path: PathLike, fmt: str, ignore_index: Optional[int] = None) -> 
     return out
 
 
+def _binary(values: set) -> bool:
+    return values <= {0, 1} or values <= {0, 255}
+
+
 def detect_label_format(paths: Sequence[PathLike], probe: int = 8) -> str:
-    """Guess the label format from up to `probe` files: colour or palette images are `voc`; single-channel
-    ones holding only {0, 1} or {0, 255} are `binary`; other single-channel ones are `index`. A guess, so
-    `--labels-format` overrides it."""
+    """Guess the label format: colour or palette images among the first `probe` files are `voc`; single-channel
+    ones are `binary` when every file holds only {0, 1} or {0, 255} (all are read: binary reading would merge
+    any other class into 1), else `index`. A guess, so `--labels-format` overrides it."""
     values: set = set()
-    for p in list(paths)[:probe]:
+    for i, p in enumerate(paths):
+        if i >= probe and not _binary(values):
+            break
         try:
             with Image.open(p) as img:
                 if img.mode in ('RGB', 'RGBA', 'P'):
@@ -119,7 +125,7 @@ def detect_label_format(paths: Sequence[PathLike], probe: int = 8) -> str:
             continue  # reported when the file is read for real
     if not values:
         raise ValueError('could not read any label file to detect the label format; pass --labels-format')
-    return 'binary' if values <= {0, 1} or values <= {0, 255} else 'index'
+    return 'binary' if _binary(values) else 'index'
 
 
 def _by_stem(files: Sequence[Path]) -> Dict[str, Path]:
@@ -150,7 +156,8 @@ def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> L
         labels_dir = Path(labels_dir)
         if not labels_dir.is_dir():
             raise FileNotFoundError(f'no label folder at {labels_dir}')
-        images = [p for p in list_images(root) if labels_dir not in p.parents]
+        labels_at = labels_dir.resolve()  # a label folder inside the data folder holds no images
+        images = [p for p in list_images(root) if labels_at not in p.resolve().parents]
         return _pair_by_stem(images, _by_stem(list_images(labels_dir)), root)
     for img_dir in _IMAGE_DIRS:
         for lab_dir in _LABEL_DIRS:
@@ -250,6 +257,12 @@ class LabeledFolder:
     def names(self) -> List[str]:
         """A name per image: its path relative to the root, without suffix (unique, unlike stems)."""
         return [image_key(p, Path(self.root)) for p in self.images]
+
+    def labels_for(self, names: Sequence[str]) -> List[torch.Tensor]:
+        """The label maps of the named images in that order, e.g. of a `FeatureSet`'s `names`, which leave out
+        images that could not be read."""
+        index = {n: i for i, n in enumerate(self.names)}
+        return [self.labels[index[n]] for n in names]
 
     def class_names(self) -> List[str]:
         """Names for the contiguous ids: VOC's for VOC labels, `classes.yaml` entries when the folder has one,

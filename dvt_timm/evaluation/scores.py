@@ -31,6 +31,9 @@ class ConfusionMatrix:
         valid = target != IGNORE
         t, p = target[valid].long(), pred[valid].long()
         K = self.num_classes
+        if t.numel() and not (0 <= min(t.min(), p.min()) and max(t.max(), p.max()) < K):
+            raise ValueError(f'class ids must be in [0, {K}) (or {IGNORE} in the target), got predictions in '
+                             f'[{p.min()}, {p.max()}] and targets in [{t.min()}, {t.max()}]')
         matrix = torch.bincount(t * K + p, minlength=K * K).view(K, K)
         self.matrix += matrix
         if self.images is not None:
