@@ -110,6 +110,15 @@ def test_labeled_folder_pairs_skips_bad_files_and_maps_classes(tmp_path, caplog)
     assert 'no label file holds the ignore index 300' in caplog.text
 
 
+def test_class_names_from_classes_yaml(tmp_path):
+    root = _labeled_folder(tmp_path / 'data', n=2)
+    (root / 'classes.yaml').write_text('classes: {0: background, 3: car}\n')
+    assert LabeledFolder(root, labels_format='index', ignore_index=9).class_names() == ['background', 'car', '4']
+    (root / 'classes.yaml').write_text('- background\n- car\n')  # a list, not a mapping
+    with pytest.raises(ValueError, match=r'classes.yaml: expected "classes:" mapping label values to names'):
+        LabeledFolder(root, labels_format='index', ignore_index=9).class_names()
+
+
 def test_labeled_folder_skips_a_label_of_another_aspect_ratio(tmp_path, caplog):
     root = _labeled_folder(tmp_path / 'data', n=3)  # 40x30 images and masks
     Image.fromarray(np.full((10, 40), 3, np.uint8)).save(root / 'masks' / 'im1.png')  # cropped: stretched if scored
@@ -554,6 +563,18 @@ def test_evaluate_command_rejects_a_bad_split_before_the_backbone_pass(vits_chec
         with pytest.raises(ValueError, match=r'holdout must be a fraction in \(0, 1\), got 1.5'):
             _evaluate(common + ['--protocol', protocol, flag, '1.5'])
     assert not out.exists()
+
+
+def test_evaluate_command_on_stage1_features_skips_an_unreadable_image(sample_images, tmp_path, caplog):
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / 'photos').mkdir()
+    for n, source in (('a', sample_images[0]), ('b', sample_images[1]), ('c', None)):
+        _write_stage1(tmp_path / 's1', n, torch.randn(384, 8, 8, generator=g), torch.randn(384, 8, 8, generator=g))
+        (tmp_path / 'photos' / f'{n}.png').write_bytes(source.read_bytes() if source else b'not an image')
+    with caplog.at_level(logging.WARNING):
+        report = _evaluate(['--features', str(tmp_path / 's1'), '--data', str(tmp_path / 'photos'), '--protocol',
+                            'artifacts', '--out', str(tmp_path / 'a.json'), '--mic-images', '1'])
+    assert report['images'] == 2 and 'c.png' in caplog.text
 
 
 def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_path, capsys, caplog):

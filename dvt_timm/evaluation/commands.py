@@ -249,10 +249,11 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     labeled: Optional[LabeledFolder] = None
     images: Optional[List[Path]] = None
     names: Optional[List[str]] = None
+    class_names: Optional[List[str]] = None
     if args.data is not None:
         if needs_labels:
             labeled = LabeledFolder(args.data, args.labels_format, args.ignore_index, args.labels, args.limit)
-            images, names = labeled.images, labeled.names
+            images, names, class_names = labeled.images, labeled.names, labeled.class_names()
         else:
             pairs = find_label_pairs(args.data, args.labels)
             images = [img for img, _ in pairs] if pairs else list_images(args.data)
@@ -284,8 +285,15 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             raise ValueError(f'{args.features}: the stored features have no {missing} maps')
         fs.maps = {v: fs.maps[v] for v in variants}
         if images is not None:
-            by_name = dict(zip(names, images))
-            fs.image_sizes = [image_size(by_name[n]) for n in fs.names]
+            by_name, sizes = dict(zip(names, images)), {}
+            for n in fs.names:
+                try:
+                    sizes[n] = image_size(by_name[n])
+                except ValueError as e:  # its stored features are left out, as extraction would leave it out
+                    _logger.warning('skipping %s', e)
+            if len(sizes) < len(fs.names):
+                fs = fs.select([n for n in fs.names if n in sizes])
+            fs.image_sizes = [sizes[n] for n in fs.names]
     else:
         model = _load_model(args, args.denoiser_checkpoint, need_denoiser='denoised' in variants)
         fs = extract_features(model, images, size, variants, names=names, batch_size=args.batch_size,
@@ -299,7 +307,6 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     # --- protocols
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
     timing: Dict[str, float] = {'features_s': t_features}
-    class_names = labeled.class_names() if labeled is not None else None
     for protocol in protocols:
         t0 = time.perf_counter()
         if protocol == 'artifacts':

@@ -272,8 +272,13 @@ class LabeledFolder:
             table = dict(enumerate(VOC_CLASSES))
         elif (Path(self.root) / 'classes.yaml').is_file():
             import yaml  # a timm dependency
-            data = yaml.safe_load((Path(self.root) / 'classes.yaml').read_text()) or {}
-            table = {int(k): str(v) for k, v in (data.get('classes') or {}).items()}
+            path = Path(self.root) / 'classes.yaml'
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+                table = {int(k): str(v) for k, v in (data.get('classes') or {}).items()}
+            except (yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+                raise ValueError(f'{path}: expected "classes:" mapping label values to names, e.g. '
+                                 f'"classes: {{0: background, 1: person}}" ({type(e).__name__}: {e})') from None
         return [table.get(v, str(v)) for v in self.class_values]
 
     def __len__(self) -> int:
