@@ -292,8 +292,9 @@ class DenoisedViT(
                 f'{path}: denoiser was trained for backbone {cfg.backbone}, not {self.backbone_name}')
         if cfg.grid_size and cfg.grid_size != self.denoiser.grid_size:
             # The position embedding is resized to any patch grid, so its stored size is the checkpoint's to choose.
-            pos = self.denoiser.pos_embed
-            self.denoiser = Denoiser(self.embed_dim, cfg.grid_size).to(pos.device, pos.dtype)
+            old = self.denoiser
+            self.denoiser = Denoiser(self.embed_dim, cfg.grid_size).to(old.pos_embed.device, old.pos_embed.dtype)
+            self.denoiser.train(old.training)
         try:
             self.denoiser.load_state_dict(sd, strict=True)
         except RuntimeError as e:

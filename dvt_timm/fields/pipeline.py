@@ -150,7 +150,7 @@ def denoise_images(
     for image, seed in zip(images, seeds):
         feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed, amp,
                                         extract_batch)
-        features.append(feats)  # bf16 on the GPU with amp: 769 views of ViT-B features are 1.6 GB per image even so
+        features.append(feats)  # bf16 on the GPU with amp: 769 views of ViT-B are 1.6 GB per image even so
         coords.append(xy)
         if progress is not None:
             progress('extract', 1)

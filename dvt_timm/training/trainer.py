@@ -569,7 +569,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         # Every rank agrees (the loss is all-reduced); a NaN loss is never the best.
         if math.isfinite(last_val) and (best is None or last_val < best[0]):
             best = (last_val, step)
-            best_weights = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+            if env.is_main:  # the rank that writes best/ and the checkpoint
+                best_weights = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
             write_best()
 
     train_sampler, val_sampler = _BatchList(), _BatchList()
