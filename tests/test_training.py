@@ -308,6 +308,16 @@ def test_best_holds_the_weights_with_the_lowest_held_out_loss(tmp_path, monkeypa
     assert DenoisedViT(BACKBONE, denoiser_checkpoint=out / 'best').denoiser.pos_embed.shape[-1] == C
 
 
+def test_more_processes_than_gpus_is_named(monkeypatch):
+    from dvt_timm.training.trainer import setup_distributed
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    for key, value in dict(WORLD_SIZE='4', RANK='3', LOCAL_RANK='3', LOCAL_WORLD_SIZE='4').items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match=r'4 processes on this node but torch sees 2 GPU\(s\).*--nproc_per_node 2'):
+        setup_distributed('cuda')
+
+
 def test_best_follows_the_checkpoint_after_a_kill(stage1_dir, tmp_path):
     """best/ is written at each better validation, so a kill can leave it ahead of checkpoint.pt; --resume puts
     back the checkpoint's best/ (--val-every may change on resume, so that validation may never come again).

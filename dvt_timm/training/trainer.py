@@ -161,7 +161,11 @@ def setup_distributed(device: Optional[str] = None) -> DistEnv:
         if not torch.cuda.is_available():
             raise RuntimeError(f'--device {device} asked for CUDA, but torch sees no CUDA GPU')
         if world > 1:
-            dev = torch.device('cuda', local_rank % torch.cuda.device_count())  # one GPU per process
+            gpus, local_world = torch.cuda.device_count(), int(os.environ.get('LOCAL_WORLD_SIZE', 0))
+            if local_world > gpus:  # NCCL would fail later with "Duplicate GPU detected"
+                raise RuntimeError(f'{local_world} processes on this node but torch sees {gpus} GPU(s); NCCL needs a '
+                                   f'GPU per process: use --nproc_per_node {gpus}, or --device cpu (gloo)')
+            dev = torch.device('cuda', local_rank % gpus)  # one GPU per process
         elif dev.index is None:
             dev = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(dev)
