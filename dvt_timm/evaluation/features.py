@@ -206,13 +206,14 @@ def extract_features(
             tags['denoised'] = f'denoised-{model_fingerprint(dvt.denoiser)[:12]}'
     meta = {'format': _CACHE_FORMAT, 'model': dvt.backbone_name, 'input_size': f'{H},{W}'}
 
-    def cache_file(path: Path, variant: str) -> Path:
-        return cache / f'{_cache_key(path)}.{tags[variant]}.safetensors'
+    def cache_files(path: Path) -> Dict[str, Path]:
+        key = _cache_key(path)  # once per image: it reads the file's size and modification time
+        return {v: cache / f'{key}.{tags[v]}.safetensors' for v in variants}
 
     kept: List[int] = []
     sizes: List[Tuple[int, int]] = []
     out: Dict[str, List[torch.Tensor]] = {v: [] for v in variants}
-    todo: List[Tuple[int, Path, torch.Tensor]] = []  # (slot in the output, image, input tensor)
+    todo: List[Tuple[int, Optional[Dict[str, Path]], torch.Tensor]] = []  # (slot in the output, cache files, input)
 
     def flush() -> None:
         if not todo:
@@ -228,11 +229,11 @@ def extract_features(
             finally:
                 dvt.denoise(was)
         maps = {v: m.float().cpu() for v, m in maps.items()}  # the set lives on the CPU, as cached maps are read
-        for j, (slot, path, _) in enumerate(todo):
+        for j, (slot, files, _) in enumerate(todo):
             for v in variants:
                 out[v][slot] = maps[v][j]
-                if cache is not None:
-                    _write_maps(cache_file(path, v), {v: maps[v][j]}, meta)
+                if files is not None:
+                    _write_maps(files[v], {v: maps[v][j]}, meta)
         todo.clear()
 
     for i, path in enumerate(tqdm(images, desc='features', disable=not progress)):
@@ -245,14 +246,15 @@ def extract_features(
         sizes.append(img.size)
         for v in variants:
             out[v].append(None)
-        if cache is not None and all(cache_file(path, v).is_file() for v in variants):
+        files = cache_files(path) if cache is not None else None
+        if files is not None and all(f.is_file() for f in files.values()):
             try:
                 for v in variants:
-                    out[v][-1] = _read_maps(cache_file(path, v), _CACHE_FORMAT, required=v)[0][v]
+                    out[v][-1] = _read_maps(files[v], _CACHE_FORMAT, required=v)[0][v]
                 continue
             except ValueError as e:
                 _logger.warning('recomputing: %s', e)
-        todo.append((len(kept) - 1, path, image_to_tensor(img, (H, W), mean, std)))
+        todo.append((len(kept) - 1, files, image_to_tensor(img, (H, W), mean, std)))
         if len(todo) >= batch_size:
             flush()
     flush()

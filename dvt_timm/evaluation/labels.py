@@ -268,11 +268,11 @@ class LabeledFolder:
         """Names for the contiguous ids: VOC's for VOC labels, `classes.yaml` entries when the folder has one,
         else the file values."""
         table: Dict[int, str] = {}
+        path = Path(self.root) / 'classes.yaml'
         if self.labels_format == 'voc':
             table = dict(enumerate(VOC_CLASSES))
-        elif (Path(self.root) / 'classes.yaml').is_file():
+        elif path.is_file():
             import yaml  # a timm dependency
-            path = Path(self.root) / 'classes.yaml'
             try:
                 data = yaml.safe_load(path.read_text()) or {}
                 table = {int(k): str(v) for k, v in (data.get('classes') or {}).items()}

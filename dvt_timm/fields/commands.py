@@ -11,7 +11,7 @@ from ..cli import positive_float, positive_int
 from ..data import list_images
 from .decomposition import PRESETS
 from .encoding import check_backend
-from .folder import denoise_folder, visuals_dir
+from .folder import denoise_folder, rank_world, visuals_dir
 from .pipeline import resolve_settings
 
 __all__ = ['add_denoise_images_parser']
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> None:
     for failure in summary.failed:
         print(f'  failed: {failure}')
     if summary.failed and not (summary.done or summary.skipped):
-        if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # an error would make torchrun stop the other ranks
+        if rank_world()[1] > 1:  # an error would make torchrun stop the other ranks
             _logger.warning('none of the %d images of this rank could be processed', len(summary.failed))
         else:  # so that scripts can tell
             raise RuntimeError(f'none of the {len(summary.failed)} images could be processed')

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -25,7 +25,7 @@ from .decomposition import Decomposition, FieldSettings, image_seed
 from .outputs import Stage1Error, check_stage1, write_stage1
 from .pipeline import denoise_images
 
-__all__ = ['FolderSummary', 'denoise_folder', 'output_path', 'visuals_dir']
+__all__ = ['FolderSummary', 'denoise_folder', 'output_path', 'rank_world', 'visuals_dir']
 
 _logger = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def _difference(key: str, theirs: Optional[str], ours: str) -> str:
     return f'{key} {theirs!r}, now {ours!r}'
 
 
-def _rank_world() -> tuple:
+def rank_world() -> Tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain process."""
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 
 
@@ -136,7 +137,7 @@ def denoise_folder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank is None or world_size is None:
-        rank, world_size = _rank_world()
+        rank, world_size = rank_world()
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
     mine = groups[rank::world_size]
     _remove_stale_temps(out_dir, [p for g in mine for p in g])

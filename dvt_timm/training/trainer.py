@@ -332,8 +332,7 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 def _write_denoiser(out: Path, weights: Dict[str, torch.Tensor], config: DenoiserConfig, settings: Dict[str, Any],
                     step: int, n_train: int, n_val: int, val_loss: Optional[float],
                     identity_loss: Optional[float]) -> None:
-    """config.json, model.safetensors and a model card in `out`, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
+    """config.json, model.safetensors and a model card in `out` (made if need be), each written atomically."""
     write_denoiser_checkpoint(out, weights, config)
     card = _model_card(config.backbone, config.input_size, settings, step, n_train, n_val, val_loss, identity_loss)
     atomic_write(out / CARD_NAME, lambda p: Path(p).write_text(card))
