@@ -130,7 +130,9 @@ def load_model(
     elif fetch_denoiser:  # timm's pretrained path: the released denoiser (and the backbone, unless given)
         model = timm.create_model(name, pretrained=True, backbone_checkpoint=backbone_checkpoint)
     elif fetch_backbone:  # the backbone's pretrained weights without fetching a denoiser
-        model = DenoisedViT(backbone_for(name), pretrained=True, denoiser_checkpoint=denoiser_checkpoint)
+        # the head timm.create_model(name) would build: the dvt_* config's num_classes, not the backbone's
+        model = DenoisedViT(backbone_for(name), pretrained=True, denoiser_checkpoint=denoiser_checkpoint,
+                            num_classes=resolve_pretrained_cfg(name).num_classes)
     else:
         model = timm.create_model(name, pretrained=False, backbone_checkpoint=backbone_checkpoint,
                                   denoiser_checkpoint=denoiser_checkpoint)

@@ -95,3 +95,18 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
         reference = zero_input_map(model, 448)
     assert zero_input_cosine(denoised, reference) < zero_input_cosine(raw, reference)
     assert variance_share(denoised) < variance_share(raw)
+
+
+def test_load_model_with_a_downloaded_backbone_builds_timms_head(monkeypatch, tmp_path):
+    # The CLI's path for --denoiser-checkpoint without --backbone-checkpoint fetches the backbone itself:
+    # its head must be the one timm.create_model(name) builds (EVA02 CLIP: none, not the 512-d projection).
+    from dvt_timm import model as model_module
+    from dvt_timm.registry import load_model
+    build = model_module._create_backbone
+    monkeypatch.setattr(model_module, '_create_backbone', lambda name, pretrained, kwargs: build(name, False, kwargs))
+    name = 'dvt_eva02_base_patch16_clip_224'
+    reference = timm.create_model(name, pretrained=False)
+    reference.save_pretrained(tmp_path)
+    loaded = load_model(name, denoiser_checkpoint=str(tmp_path / 'model.safetensors'))
+    assert loaded.num_classes == reference.num_classes == 0
+    assert torch.equal(loaded.denoiser.pos_embed, reference.denoiser.pos_embed)
