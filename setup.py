@@ -22,8 +22,8 @@ setup(
                                        '*/*.txt', '*/*.png']},
     install_requires=[
         'torch>=2.4',  # fused Adam on the CPU (stage 1), torch.compiler.is_compiling
-        'timm>=1.0.15,<1.1',
-        'huggingface_hub>=0.23',
+        'timm>=1.0.21,<1.1',  # models build on the meta device (the early "not a ViT" check)
+        'huggingface_hub>=0.30',  # ModelHubMixin's paper_url
         'safetensors>=0.4',
         'numpy',
         'pillow',

@@ -261,7 +261,9 @@ class DenoisedViT(
         own = self.backbone.state_dict()
         conv = f'{self.backbone.pretrained_cfg.get("first_conv", "patch_embed.proj")}.weight'
         if conv in sd and conv in own and sd[conv].shape[1] != own[conv].shape[1]:
-            sd[conv] = adapt_input_conv(own[conv].shape[1], sd[conv], base_chans=sd[conv].shape[1])
+            source = sd[conv].shape[1]
+            # any timm converts RGB weights; base_chans (a checkpoint of other than 3 channels) is timm >= 1.0.31
+            sd[conv] = adapt_input_conv(own[conv].shape[1], sd[conv], **({} if source == 3 else {'base_chans': source}))
         head = self.backbone.pretrained_cfg.get('classifier', 'head')
         head_keys = [k for k in sd if k.startswith(f'{head}.')]
         if any(k not in own or own[k].shape != sd[k].shape for k in head_keys):
