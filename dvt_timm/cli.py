@@ -24,6 +24,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def output_folder(text: str) -> str:
+    """argparse type: a folder to write into, existing or not yet made, with no file in the way."""
+    for path in (Path(text), *Path(text).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise argparse.ArgumentTypeError(f'{path} is a file, not a folder' if path == Path(text) else
+                                                 f'cannot make a folder in {path}: it is a file')
+            break
+    return text
+
+
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
     from .model import DenoisedViT
@@ -45,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('convert', help="convert an authors' denoiser .pth to our format "
                                        "(config.json, model.safetensors, README.md)")
     p.add_argument('src', help="authors' denoiser file, e.g. vit_base_patch14_dinov2.lvd142m.pth")
-    p.add_argument('out_dir', help='output directory')
+    p.add_argument('out_dir', type=output_folder, help='output directory')
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name the denoiser belongs to')
     p.add_argument('--overwrite', action='store_true', help='replace a denoiser already in out_dir')
     p.set_defaults(func=_convert)

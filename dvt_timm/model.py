@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 from huggingface_hub import ModelHubMixin
-from huggingface_hub.utils import HFValidationError
+from huggingface_hub.utils import EntryNotFoundError, HFValidationError, HfHubHTTPError
 from timm.models import adapt_input_conv
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -57,6 +57,11 @@ def _create_backbone(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.
         if 'dynamic_img_size' not in str(e):
             raise
         raise ValueError(f'{name} is not a ViT with patch tokens: {_SUPPORTED}') from e
+    except OSError as e:  # offline and not cached, HTTP errors: the Hub's message names neither model nor remedy
+        if not pretrained:
+            raise
+        raise OSError(f'{name}: its pretrained weights could not be fetched ({type(e).__name__}: {e}). Without '
+                      'network, pass backbone_checkpoint= (--backbone-checkpoint) with a local weights file') from e
 
 
 def default_input_size(patch_size: int) -> int:
@@ -328,6 +333,8 @@ class DenoisedViT(
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], **kwargs: Any) -> 'DenoisedViT':
         """A denoiser in our format from a Hub repo id or a local directory, on its backbone; see `_from_pretrained`."""
         path = Path(pretrained_model_name_or_path)
+        if not path.exists() and len(path.parts) == 1:  # denoisers on the Hub are user/name
+            raise FileNotFoundError(f'no denoiser folder at {path}, and it is not a Hub repo id (user/name)')
         if not path.exists() and path.parent != Path('.') and path.parent.is_dir():
             # 'runs/denoiser' is also a valid repo id, but with a local 'runs/' it is a mistyped path: say so
             # now rather than after the Hub's retries.
@@ -340,6 +347,9 @@ class DenoisedViT(
         except HFValidationError as e:  # neither a folder nor a valid repo id: most likely a mistyped path
             raise FileNotFoundError(f'no denoiser folder at {pretrained_model_name_or_path}, and it is not a Hub '
                                     'repo id (user/name)') from e
+        except (EntryNotFoundError, HfHubHTTPError) as e:  # offline and not cached, no such repo or revision
+            raise OSError(f'{pretrained_model_name_or_path}: not a local folder, so taken for a Hub repo id, and its '
+                          f'denoiser could not be fetched ({type(e).__name__}: {e})') from e
 
     @classmethod
     def _from_pretrained(

@@ -75,6 +75,12 @@ def test_hub_path_offline_from_cache(tmp_path, vits_checkpoint, authors_file):
             timm.create_model('dvt_vit_base_patch14_dinov2', pretrained=True)
         except OSError as e:
             print('MISSING', e)
+        for name, load in (('REPO', lambda: DenoisedViT.from_pretrained('someone/absent')),
+                           ('BACKBONE', lambda: DenoisedViT('vit_small_patch14_dinov2.lvd142m', pretrained=True))):
+            try:
+                load()
+            except OSError as e:
+                print(name, e)
         print('OK')
     ''')
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'hf_home'))
@@ -85,6 +91,10 @@ def test_hub_path_offline_from_cache(tmp_path, vits_checkpoint, authors_file):
     assert 'MISSING dvt_vit_base_patch14_dinov2.lvd142m_voc: its denoiser could not be fetched' in proc.stdout
     assert 'voc_denoised/vit_base_patch14_dinov2.lvd142m.pth: LocalEntryNotFoundError' in proc.stdout
     assert 'denoiser_checkpoint=' in proc.stdout and 'dvt_vit_small_patch14_dinov2.dvt_timm_photos' in proc.stdout
+    assert 'REPO someone/absent: not a local folder, so taken for a Hub repo id, and its denoiser could not be ' \
+           'fetched (LocalEntryNotFoundError' in proc.stdout
+    assert 'BACKBONE vit_small_patch14_dinov2.lvd142m: its pretrained weights could not be fetched' in proc.stdout
+    assert 'pass backbone_checkpoint= (--backbone-checkpoint)' in proc.stdout
 
 
 def test_mismatched_embed_dim_names_both_values(tmp_path):
@@ -276,6 +286,8 @@ def test_from_pretrained_of_a_mistyped_folder_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr('dvt_timm.model.fetch_denoiser', lambda *a, **k: pytest.fail('asked the Hub'))
     with pytest.raises(FileNotFoundError, match='no denoiser folder at runs/denoisr .*not taken for a Hub repo id'):
         DenoisedViT.from_pretrained('runs/denoisr')
+    with pytest.raises(FileNotFoundError, match=r'no denoiser folder at denoisr, and it is not a Hub repo id \(user/'):
+        DenoisedViT.from_pretrained('denoisr')  # a one-part name is never a denoiser repo on the Hub
 
 
 def test_saved_model_card_names_the_backbone(tmp_path, authors_file):
@@ -334,6 +346,19 @@ def test_cli_verbose_flag_goes_before_or_after_the_command():
     for argv in (['-v', 'convert', 'a.pth', 'out', '--model', 'x'], ['convert', 'a.pth', 'out', '--model', 'x', '-v']):
         assert build_parser().parse_args(argv).verbose is True
     assert build_parser().parse_args(['convert', 'a.pth', 'out', '--model', 'x']).verbose is False
+
+
+@pytest.mark.parametrize('command', [['convert', 'a.pth', '{out}', '--model', 'x'],
+                                     ['denoise-images', '--model', 'x', '--images', 'd', '--out', '{out}'],
+                                     ['train-denoiser', '--data', 'd', '--model', 'x', '--out', '{out}']])
+def test_cli_output_folder_that_is_a_file_is_named(tmp_path, capsys, command):
+    (tmp_path / 'notes.txt').write_text('keep me')
+    for out, message in ((tmp_path / 'notes.txt', 'notes.txt is a file, not a folder'),
+                         (tmp_path / 'notes.txt' / 'run', 'cannot make a folder in {}: it is a file')):
+        with pytest.raises(SystemExit):  # argparse's usage error, before any model loads
+            cli_main([a.format(out=out) for a in command])
+        assert message.format(tmp_path / 'notes.txt') in capsys.readouterr().err
+    assert (tmp_path / 'notes.txt').read_text() == 'keep me'
 
 
 def test_cli_convert(tmp_path, authors_file, capsys):

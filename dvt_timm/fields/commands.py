@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..cli import positive_float, positive_int
+from ..cli import output_folder, positive_float, positive_int
 from ..data import list_images
 from .decomposition import PRESETS
 from .encoding import check_backend
@@ -79,7 +79,7 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name')
     p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (default: timm pretrained)')
     p.add_argument('--images', required=True, help='image folder, one image, or text file listing image paths')
-    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--out', required=True, type=output_folder, help='output folder')
     p.add_argument('--preset', choices=sorted(PRESETS), default='paper',
                    help="'paper' (default): the paper's settings, for a GPU; 'fast': the CPU preset "
                         "(see docs/stage1.md)")

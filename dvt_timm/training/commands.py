@@ -8,6 +8,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..cli import output_folder
 from .trainer import DEFAULT_EPOCHS, TrainConfig, loss_text, train
 
 __all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'config_from_args', 'run_train_denoiser',
@@ -33,7 +34,7 @@ def add_train_denoiser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data', required=True, help='folder of stage-1 <image>.safetensors files')
     p.add_argument('--model', required=True,
                    help='backbone timm id or dvt_* name; must be the backbone the stage-1 features came from')
-    p.add_argument('--out', required=True, help='output folder (checkpoint, log, final denoiser)')
+    p.add_argument('--out', required=True, type=output_folder, help='output folder (checkpoint, log, final denoiser)')
     length = p.add_mutually_exclusive_group()
     length.add_argument('--epochs', type=int, default=None,
                         help=f'passes over the training files (default {DEFAULT_EPOCHS})')
