@@ -218,9 +218,11 @@ def test_model_must_match_the_data(stage1_dir, tmp_path, capsys):
     assert not (tmp_path / 'x' / 'checkpoint.pt').exists()
     assert commands.main(_cli_args(stage1_dir, tmp_path / 'y', model='vit_smal_patch14_dinov2')) == 1
     assert '--model vit_smal_patch14_dinov2 is not a timm model' in capsys.readouterr().err
-    (tmp_path / 'a_file').write_text('')  # an OS error is one line too, as under `dvt-timm train-denoiser`
-    assert commands.main(_cli_args(stage1_dir, tmp_path / 'a_file')) == 1
-    assert 'dvt-timm train-denoiser: error:' in capsys.readouterr().err
+    (tmp_path / 'a_file').write_text('')  # an --out in the way is a usage error, as under `dvt-timm train-denoiser`
+    with pytest.raises(SystemExit) as exit_:
+        commands.main(_cli_args(stage1_dir, tmp_path / 'a_file'))
+    assert exit_.value.code == 2
+    assert 'dvt-timm train-denoiser: error: argument --out: ' in capsys.readouterr().err
 
 
 def test_denoiser_records_the_size_it_was_trained_at(tmp_path):
