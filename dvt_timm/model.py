@@ -333,13 +333,14 @@ class DenoisedViT(
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], **kwargs: Any) -> 'DenoisedViT':
         """A denoiser in our format from a Hub repo id or a local directory, on its backbone; see `_from_pretrained`."""
         path = Path(pretrained_model_name_or_path)
-        if not path.exists() and len(path.parts) == 1:  # denoisers on the Hub are user/name
-            raise FileNotFoundError(f'no denoiser folder at {path}, and it is not a Hub repo id (user/name)')
-        if not path.exists() and path.parent != Path('.') and path.parent.is_dir():
-            # 'runs/denoiser' is also a valid repo id, but with a local 'runs/' it is a mistyped path: say so
-            # now rather than after the Hub's retries.
-            raise FileNotFoundError(f'no denoiser folder at {path} (its parent folder exists, so it is not taken '
-                                    'for a Hub repo id)')
+        if not path.exists():
+            if len(path.parts) == 1:  # denoisers on the Hub are user/name
+                raise FileNotFoundError(f'no denoiser folder at {path}, and it is not a Hub repo id (user/name)')
+            if path.parent.is_dir():
+                # 'runs/denoiser' is also a valid repo id, but with a local 'runs/' it is a mistyped path: say so
+                # now rather than after the Hub's retries.
+                raise FileNotFoundError(f'no denoiser folder at {path} (its parent folder exists, so it is not '
+                                        'taken for a Hub repo id)')
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except json.JSONDecodeError as e:  # huggingface_hub reads config.json itself, without naming it

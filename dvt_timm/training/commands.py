@@ -6,10 +6,11 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from ..cli import output_folder
-from .trainer import DEFAULT_EPOCHS, TrainConfig, loss_text, train
+from .trainer import BEST_DIR, DEFAULT_EPOCHS, TrainConfig, loss_text, train
 
 __all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'config_from_args', 'run_train_denoiser',
            'main']
@@ -85,8 +86,8 @@ def run_train_denoiser(args: argparse.Namespace) -> None:
         print(f'wrote {summary["out"]} ({summary["backbone"]} denoiser, {summary["steps"]} steps, held-out loss {val} '
               f'(raw features as the prediction: {identity}), {len(summary["skipped"])} files skipped)')
         if summary['best_step'] is not None:
-            print(f'wrote {summary["out"]}/best (the lowest held-out loss, {loss_text(summary["best_val_loss"])}, '
-                  f'at step {summary["best_step"]})')
+            print(f'wrote {Path(summary["out"]) / BEST_DIR} (the lowest held-out loss, '
+                  f'{loss_text(summary["best_val_loss"])}, at step {summary["best_step"]})')
 
 
 def add_train_denoiser_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
