@@ -147,6 +147,10 @@ def _refuse_backbone(sd: Dict[str, object], path: Path) -> None:
         if isinstance(sd.get(key), dict):
             sd = sd[key]
     top = {k.removeprefix('module.').removeprefix('model.').split('.', 1)[0] for k in sd}
+    if {'backbone', 'denoiser'} <= top:
+        raise CheckpointError(f'{path}: holds a whole DenoisedViT state dict (backbone.*, denoiser.*), not a denoiser '
+                              'alone; load it with timm.create_model(..., checkpoint_path=...) or '
+                              'model.load_state_dict (save_pretrained writes the denoiser alone)')
     if {'patch_embed', 'blocks'} <= top:
         raise CheckpointError(f'{path}: holds backbone weights (patch_embed, blocks), not a denoiser; pass it as '
                               'backbone_checkpoint (CLI: --backbone-checkpoint)')

@@ -10,6 +10,7 @@ import timm
 import torch
 from huggingface_hub import ModelHubMixin
 from huggingface_hub.utils import EntryNotFoundError, HFValidationError, HfHubHTTPError
+from timm.layers import to_2tuple
 from timm.models import adapt_input_conv
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -114,7 +115,8 @@ class DenoisedViT(
         denoiser_checkpoint: an authors' `.pth`, or a directory / `model.safetensors` in our format.
         grid_size: side K of the denoiser's learned position embedding; defaults to the patch grid at
             518 px (patch 14) or 512 px (other patch sizes). A loaded denoiser checkpoint brings its own.
-        freeze_backbone: freeze the backbone's parameters and keep it in eval mode.
+        freeze_backbone: freeze the backbone's feature extractor and keep it in eval mode; its classifier head
+            (`num_classes=`, `reset_classifier`) stays trainable.
         **backbone_kwargs: passed to `timm.create_model` for the backbone (e.g. `num_classes`,
             `dynamic_img_pad=True` to accept sizes that are not multiples of the patch size).
     """
@@ -174,10 +176,13 @@ class DenoisedViT(
         self.denoiser: Optional[Denoiser] = Denoiser(
             self.embed_dim, grid_size or default_input_size(self.patch_size) // self.patch_size)
         self._denoising = True
+        # The final norm, moved here when timm's pruning drops it from the backbone (the denoiser reads normed tokens).
+        self.denoiser_norm: Optional[nn.Module] = None
 
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+            self.backbone.get_classifier().requires_grad_(True)  # as reset_classifier's new head: a probe trains
             self.backbone.eval()
         if backbone_checkpoint is not None:
             self.load_backbone_checkpoint(backbone_checkpoint)
@@ -313,7 +318,8 @@ class DenoisedViT(
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.denoiser is None:
             raise RuntimeError('this model has no denoiser to save')
-        if any(p.requires_grad for p in self.backbone.parameters()):
+        head = {id(p) for p in self.backbone.get_classifier().parameters()}
+        if any(p.requires_grad and id(p) not in head for p in self.backbone.parameters()):
             _logger.warning('save_pretrained writes the denoiser only: the backbone is trainable here '
                             '(freeze_backbone=False), and weights it has learned are not saved; save '
                             'model.backbone.state_dict() yourself and load it with backbone_checkpoint=')
@@ -411,7 +417,9 @@ class DenoisedViT(
         return tuple(patch_embed.dynamic_feat_size((H, W)))
 
     def _denoise_tokens(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Denoise the patch tokens of a normed token sequence (B, prefix + h*w, C)."""
+        """Denoise the patch tokens of the backbone's final token sequence (B, prefix + h*w, C)."""
+        if self.denoiser_norm is not None:
+            x = self.denoiser_norm(x)
         n = self.num_prefix_tokens
         patches = self.denoiser(x[:, n:], grid)
         return torch.cat([x[:, :n], patches], dim=1) if n else patches
@@ -436,7 +444,7 @@ class DenoisedViT(
         grid = self._grid(x)
         tokens = self.backbone.forward_features(x)
         n = self.num_prefix_tokens
-        raw, clean = tokens[:, n:], self.denoiser(tokens[:, n:], grid)
+        raw, clean = tokens[:, n:], self._denoise_tokens(tokens, grid)[:, n:]
         to_map = lambda t: t.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()  # noqa: E731
         return to_map(raw), to_map(clean)
 
@@ -513,17 +521,73 @@ class DenoisedViT(
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """timm's pruning; the final norm stays while the denoiser (which reads it) is kept."""
+        """timm's pruning. A pruned final norm leaves the backbone's outputs, as in timm, but the denoiser
+        (while it is kept) goes on reading normed tokens."""
         take_indices, _ = feature_take_indices(len(self.backbone.blocks), indices)
         keeps_last = len(self.backbone.blocks) - 1 in take_indices
-        take_indices = self.backbone.prune_intermediate_layers(
-            indices, prune_norm=prune_norm and not keeps_last, prune_head=prune_head)
+        if prune_norm and keeps_last and self.denoiser_norm is None:
+            self.denoiser_norm = self.backbone.norm
+        take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         if not keeps_last:
+            self.denoiser_norm = None
             self.denoiser, self._denoising = None, False
         self.num_classes = self.backbone.num_classes
         return take_indices
 
+    def get_intermediate_layers(
+            self,
+            x: torch.Tensor,
+            n: Union[int, List[int], Tuple[int, ...]] = 1,
+            reshape: bool = False,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            **kwargs: Any,
+    ) -> List[torch.Tensor]:
+        """timm's DINO-style `get_intermediate_layers`, through `forward_intermediates` (so the last block's
+        entry is denoised when on)."""
+        return self.forward_intermediates(
+            x, n, return_prefix_tokens=return_prefix_tokens, norm=norm, output_fmt='NCHW' if reshape else 'NLC',
+            intermediates_only=True, **kwargs)
+
     # ----------------------------------------------------------------- timm conveniences
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name for `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
+    @property
+    def head_hidden_size(self) -> int:
+        return getattr(self.backbone, 'head_hidden_size', self.num_features)
+
+    @property
+    def global_pool(self) -> str:
+        return self.backbone.global_pool
+
+    @property
+    def dynamic_img_size(self) -> bool:
+        return getattr(self.backbone, 'dynamic_img_size', False)
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.backbone, 'has_class_token', self.backbone.cls_token is not None)
+
+    @property
+    def num_reg_tokens(self) -> int:
+        return getattr(self.backbone, 'num_reg_tokens', self.num_prefix_tokens - int(self.has_class_token))
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """timm's `set_input_size`: the backbone's image size (and the data config's); the patch size is fixed,
+        since the denoiser works on the backbone's patch tokens."""
+        if patch_size is not None and tuple(to_2tuple(patch_size)) != (self.patch_size, self.patch_size):
+            raise ValueError(f'the patch size of a DenoisedViT is fixed at {self.patch_size}; got {patch_size}')
+        self.backbone.set_input_size(img_size=img_size)
+        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, *self.backbone.patch_embed.img_size)}
+
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
 
@@ -535,6 +599,23 @@ class DenoisedViT(
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """The backbone's layer groups (e.g. for timm's layer-wise lr decay), with the denoiser in the final
+        norm's group after the last block."""
+        def under_backbone(pattern: str) -> str:
+            return rf'^backbone\.(?:{pattern.lstrip("^")})'
+
+        matcher = {}
+        for group, spec in self.backbone.group_matcher(coarse).items():
+            if isinstance(spec, str):
+                matcher[group] = under_backbone(spec)
+            else:
+                matcher[group] = [(under_backbone(pattern), suffix) for pattern, suffix in spec]
+        if isinstance(matcher.get('blocks'), list):
+            matcher['blocks'].append((r'^denoiser', (99999,)))
+        return matcher
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
+from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
@@ -177,6 +178,12 @@ def _create_dvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Denois
     if trained is not None and trained.input_size and 'input_size' not in overlay:
         # the data config says the size the denoiser was trained at, unless the caller set one
         cfg = dataclasses.replace(cfg, input_size=(cfg.input_size[0], trained.input_size, trained.input_size))
+    if kwargs.get('dynamic_img_size') is False:
+        # a backbone of one size is built at the data config's, or the data config says the img_size= given
+        if 'img_size' in kwargs:
+            cfg = dataclasses.replace(cfg, input_size=(cfg.input_size[0], *to_2tuple(kwargs['img_size'])))
+        else:
+            kwargs['img_size'] = cfg.input_size[1:]
     return build_model_with_cfg(
         partial(DenoisedViT, pretrained=pretrained), variant, pretrained=False, pretrained_cfg=cfg,
         feature_cfg=dict(out_indices=3, feature_cls='getter'), **kwargs)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import dvt_timm  # noqa: F401
 from dvt_timm import CheckpointError, DenoisedViT
@@ -189,6 +189,20 @@ def test_backbone_weights_given_as_the_denoiser_say_what_they_are(tmp_path, vits
             DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=backbone_file)
 
 
+def test_a_whole_model_state_dict_given_as_the_denoiser_says_how_to_load_it(tmp_path, vits_checkpoint):
+    """`model.state_dict()` holds the backbone too: timm's checkpoint_path= loads it, not the denoiser's paths
+    (which include timm's `pretrained_cfg_overlay=dict(file=...)`)."""
+    model = timm.create_model('dvt_vit_small_patch14_dinov2', num_classes=0)
+    torch.save(model.state_dict(), tmp_path / 'whole.pth')
+    save_file(model.state_dict(), tmp_path / 'whole.safetensors')
+    for path in (tmp_path / 'whole.pth', tmp_path / 'whole.safetensors'):
+        with pytest.raises(CheckpointError, match=r'whole DenoisedViT state dict .*checkpoint_path='):
+            timm.create_model('dvt_vit_small_patch14_dinov2', pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                              backbone_checkpoint=vits_checkpoint)
+        loaded = timm.create_model('dvt_vit_small_patch14_dinov2', num_classes=0, checkpoint_path=str(path))
+        assert torch.equal(loaded.denoiser.pos_embed, model.denoiser.pos_embed)
+
+
 def test_a_pth_of_our_own_layout_loads(tmp_path, authors_file):
     """`torch.save(model.denoiser.state_dict(), ...)` loads back (safetensors via save_pretrained is preferred)."""
     model = DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0])
@@ -224,7 +238,7 @@ def test_a_model_that_is_not_a_vit_is_named_before_any_download(monkeypatch):
 def test_backbone_checkpoint_with_a_new_head_or_input_channels(vits_checkpoint):
     """As timm loads pretrained weights: a fresh head for another `num_classes` or `global_pool='map'`, the first
     conv's RGB filters summed for one input channel, and every other weight from the file."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     ref = load_file(str(vits_checkpoint))
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint, num_classes=10, in_chans=1,
                         global_pool='map').eval()

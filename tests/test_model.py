@@ -120,6 +120,52 @@ def test_features_only_keeps_the_denoiser(vits_checkpoint, authors_file, photos)
         timm.create_model('dvt_vit_small_patch14_dinov2', features_only=True, feature_cls='hook')
 
 
+@torch.inference_mode()
+def test_pruned_norm_leaves_the_backbone_not_the_denoiser(vits_checkpoint, authors_file, plain_vits, photos):
+    """timm's `prune_norm` drops the final norm from the outputs (so `denoise(False)` is still the pruned
+    plain model's), while the denoiser goes on reading normed tokens (so its output does not change)."""
+    model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint,
+                        denoiser_checkpoint=authors_file[0]).eval()
+    denoised = model.forward_features(photos)
+    model.prune_intermediate_layers(indices=[5, 11], prune_norm=True)
+    plain = timm.create_model('vit_small_patch14_dinov2', dynamic_img_size=True, num_classes=0).eval()
+    plain.load_state_dict(plain_vits.state_dict())
+    plain.prune_intermediate_layers(indices=[5, 11], prune_norm=True)
+    assert isinstance(model.backbone.norm, torch.nn.Identity)
+    assert torch.equal(model.denoise(False).forward_features(photos), plain.forward_features(photos))
+    assert torch.equal(model.forward_intermediates(photos, indices=1)[0], plain.forward_intermediates(photos, indices=1)[0])
+    assert torch.equal(model.denoise(True).forward_features(photos), denoised)
+
+
+def test_timm_vit_api(model, plain_vits, photos):
+    """The rest of timm VisionTransformer's surface, as DINO-style and timm training code reads it."""
+    for name in ('head_hidden_size', 'global_pool', 'dynamic_img_size', 'has_class_token', 'num_reg_tokens'):
+        assert getattr(model, name) == getattr(plain_vits, name), name
+    assert model.default_cfg is model.pretrained_cfg
+    with torch.inference_mode():
+        layers = model.get_intermediate_layers(photos[:1], n=2, reshape=True, return_prefix_tokens=True)
+        ref = model.forward_intermediates(photos[:1], indices=2, return_prefix_tokens=True, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(_flatten(layers), _flatten(ref)))
+    # timm's layer-wise lr decay (for a trainable backbone): the backbone's scales as for the plain model, and
+    # the denoiser learns at full lr.
+    from timm.optim import param_groups_layer_decay
+    def scales(m, prefix=''):
+        names = {id(p): n.removeprefix(prefix) for n, p in m.named_parameters()}
+        return {names[id(p)]: g['lr_scale'] for g in param_groups_layer_decay(m, layer_decay=0.75) for p in g['params']}
+    ours = scales(DenoisedViT('vit_small_patch14_dinov2', freeze_backbone=False), 'backbone.')
+    theirs = scales(timm.create_model('vit_small_patch14_dinov2', num_classes=0))
+    assert {k: ours[k] for k in theirs} == theirs and theirs['blocks.0.attn.qkv.weight'] < 0.1
+    assert ours['denoiser.pos_embed'] == ours['denoiser.block.attn.qkv.weight'] == theirs['norm.weight'] == 1.0
+
+
+def test_a_new_head_trains_on_the_frozen_backbone(photos):
+    model = timm.create_model('dvt_vit_small_patch14_dinov2', num_classes=5).train()
+    assert all(p.requires_grad for p in model.get_classifier().parameters())
+    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if not n.startswith('head.'))
+    model(photos[:1, :, :112, :112]).sum().backward()
+    assert model.get_classifier().weight.grad is not None
+
+
 def test_input_checks(model, photos):
     with pytest.raises(ValueError, match='3 input channels, got 1'):
         model.feature_map(photos[:, :1])
@@ -186,6 +232,11 @@ def test_direct_model_has_a_timm_data_config():
     assert model.get_submodule(model.pretrained_cfg['first_conv']) is model.backbone.patch_embed.proj
     fixed = DenoisedViT('vit_small_patch16_224', dynamic_img_size=False)  # takes 224 px only
     assert timm.data.resolve_model_data_config(fixed)['input_size'] == (3, 224, 224)
+    fixed.set_input_size(img_size=(256, 192))
+    assert timm.data.resolve_model_data_config(fixed)['input_size'] == (3, 256, 192)
+    assert fixed.feature_map(torch.randn(1, 3, 256, 192)).shape == (1, 384, 16, 12)
+    with pytest.raises(ValueError, match='patch size of a DenoisedViT is fixed at 16'):
+        fixed.set_input_size(patch_size=14)
 
 
 def test_output_formats_timm_does_not_offer_are_refused(model, photos):

@@ -97,6 +97,19 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
     assert variance_share(denoised) < variance_share(raw)
 
 
+@torch.inference_mode()
+def test_a_fixed_size_model_is_built_at_its_data_config_size():
+    """dynamic_img_size=False: the backbone takes the size the data config names (the shipped denoiser's 448),
+    or the data config names the img_size= given."""
+    from importlib.resources import files
+    shipped = str(files('dvt_timm.weights') / 'dvt_vit_small_patch14_dinov2')
+    for kwargs, size in ((dict(), (448, 448)), (dict(img_size=(224, 280)), (224, 280))):
+        model = timm.create_model('dvt_vit_small_patch14_dinov2.dvt_timm_photos', denoiser_checkpoint=shipped,
+                                  dynamic_img_size=False, **kwargs).eval()
+        assert timm.data.resolve_model_data_config(model)['input_size'] == (3, *size)
+        assert model.feature_map(torch.randn(1, 3, *size)).shape == (1, 384, size[0] // 14, size[1] // 14)
+
+
 def test_load_model_with_a_downloaded_backbone_builds_timms_head(monkeypatch, tmp_path):
     # The CLI's path for --denoiser-checkpoint without --backbone-checkpoint fetches the backbone itself:
     # its head must be the one timm.create_model(name) builds (EVA02 CLIP: none, not the 512-d projection).
