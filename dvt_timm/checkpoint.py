@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
-    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'atomic_write',
+    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'atomic_write',
 ]
 
 FORMAT_VERSION = 1
@@ -85,6 +85,12 @@ def with_default_tag(name: str) -> str:
         return name
     cfg = timm.models.get_pretrained_cfg(name)
     return f'{name}.{cfg.tag}' if cfg is not None and cfg.tag else name
+
+
+def same_backbone(a: str, b: str) -> bool:
+    """Whether two timm ids name the same weights: the same architecture and tag, a missing tag being timm's
+    default ('vit_base_patch16_224.mae' and '.dino' differ; 'vit_small_patch14_dinov2' is '.lvd142m')."""
+    return with_default_tag(a) == with_default_tag(b)
 
 
 def atomic_write(path: PathLike, write_fn) -> None:

@@ -36,15 +36,19 @@ def output_folder(text: str) -> str:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from .checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, with_default_tag
     from .model import DenoisedViT
     from .registry import resolve_backbone
-    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (Path(args.out_dir) / name).exists()]
+    out = Path(args.out_dir)
+    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f'{args.out_dir} already holds a denoiser ({", ".join(existing)}); '
                               'give another folder, or --overwrite to replace it')
-    model = DenoisedViT(resolve_backbone(args.model), denoiser_checkpoint=args.src)
-    model.save_pretrained(args.out_dir)
+    # config.json names the weights with their tag, which stays right if timm's default tag changes
+    model = DenoisedViT(with_default_tag(resolve_backbone(args.model)), denoiser_checkpoint=args.src)
+    if args.overwrite:
+        (out / CARD_NAME).unlink(missing_ok=True)  # the old card describes the denoiser being replaced
+    model.save_pretrained(out)
     print(f'wrote {args.out_dir} (denoiser for {model.backbone_name})')
 
 

@@ -1,5 +1,4 @@
 """`DenoisedViT`: a timm ViT backbone with a DVT denoiser on its final patch tokens."""
-import json
 import logging
 import os
 import sys
@@ -16,8 +15,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from .checkpoint import (
-    CONFIG_NAME, CheckpointError, DenoiserConfig, backbone_arch, load_state_dict_file, read_denoiser_checkpoint,
-    write_denoiser_checkpoint,
+    CARD_NAME, CONFIG_NAME, CheckpointError, DenoiserConfig, atomic_write, load_state_dict_file,
+    read_denoiser_checkpoint, read_denoiser_config, same_backbone, write_denoiser_checkpoint,
 )
 from .denoiser import Denoiser
 from .hub import fetch_denoiser
@@ -299,7 +298,7 @@ class DenoisedViT(
             if theirs and theirs != getattr(mine, name):
                 raise CheckpointError(
                     f'{path}: denoiser {name} is {theirs} but backbone {self.backbone_name} needs {getattr(mine, name)}')
-        if cfg.backbone and self.backbone_name and backbone_arch(cfg.backbone) != backbone_arch(self.backbone_name):
+        if cfg.backbone and self.backbone_name and not same_backbone(cfg.backbone, self.backbone_name):
             raise CheckpointError(
                 f'{path}: denoiser was trained for backbone {cfg.backbone}, not {self.backbone_name}')
         if cfg.grid_size and cfg.grid_size != self.denoiser.grid_size:
@@ -315,15 +314,37 @@ class DenoisedViT(
         self.denoiser_input_size = cfg.input_size
         self._set_input_size()
 
-    def _save_pretrained(self, save_directory: Path) -> None:
+    def save_pretrained(
+            self,
+            save_directory: PathLike,
+            *,
+            repo_id: Optional[str] = None,
+            push_to_hub: bool = False,
+            model_card_kwargs: Optional[Dict[str, Any]] = None,
+            config: Optional[Any] = None,
+            **push_to_hub_kwargs: Any,
+    ) -> Optional[str]:
+        """Write the denoiser in our format: `config.json` (what it is and which backbone it is for),
+        `model.safetensors` (its weights) and a model card `README.md` when the folder has none. Each file is
+        replaced atomically, so a folder that loaded before still loads if this is interrupted. With
+        `push_to_hub`, also upload it (see `push_to_hub`). `config` is ignored: config.json is the denoiser's."""
         if self.denoiser is None:
-            raise RuntimeError('this model has no denoiser to save')
+            raise RuntimeError('this model has no denoiser to save (it was pruned away with the last block)')
         head = {id(p) for p in self.backbone.get_classifier().parameters()}
         if any(p.requires_grad and id(p) not in head for p in self.backbone.parameters()):
             _logger.warning('save_pretrained writes the denoiser only: the backbone is trainable here '
                             '(freeze_backbone=False), and weights it has learned are not saved; save '
                             'model.backbone.state_dict() yourself and load it with backbone_checkpoint=')
+        save_directory = Path(save_directory)
         write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
+        card_path = save_directory / CARD_NAME
+        if not card_path.exists():  # as huggingface_hub does: a card written or edited by hand is kept
+            card = self.generate_model_card(**(model_card_kwargs or {}))
+            atomic_write(card_path, lambda tmp: card.save(tmp))
+        if push_to_hub:
+            return self.push_to_hub(repo_id or save_directory.name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
+        return None
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
         """The model card `save_pretrained` / `push_to_hub` write, naming this model's backbone."""
@@ -336,57 +357,47 @@ class DenoisedViT(
         return super().push_to_hub(repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], **kwargs: Any) -> 'DenoisedViT':
-        """A denoiser in our format from a Hub repo id or a local directory, on its backbone; see `_from_pretrained`."""
-        path = Path(pretrained_model_name_or_path)
-        if not path.exists():
-            if len(path.parts) == 1:  # denoisers on the Hub are user/name
-                raise FileNotFoundError(f'no denoiser folder at {path}, and it is not a Hub repo id (user/name)')
-            if path.parent.is_dir():
-                # 'runs/denoiser' is also a valid repo id, but with a local 'runs/' it is a mistyped path: say so
-                # now rather than after the Hub's retries.
-                raise FileNotFoundError(f'no denoiser folder at {path} (its parent folder exists, so it is not '
-                                        'taken for a Hub repo id)')
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except json.JSONDecodeError as e:  # huggingface_hub reads config.json itself, without naming it
-            raise CheckpointError(f'{pretrained_model_name_or_path}: corrupt {CONFIG_NAME}: {e}') from e
-        except HFValidationError as e:  # neither a folder nor a valid repo id: most likely a mistyped path
-            raise FileNotFoundError(f'no denoiser folder at {pretrained_model_name_or_path}, and it is not a Hub '
-                                    'repo id (user/name)') from e
-        except (EntryNotFoundError, HfHubHTTPError) as e:  # offline and not cached, no such repo or revision
-            raise OSError(f'{pretrained_model_name_or_path}: not a local folder, so taken for a Hub repo id, and its '
-                          f'denoiser could not be fetched ({type(e).__name__}: {e})') from e
-
-    @classmethod
-    def _from_pretrained(
+    def from_pretrained(
             cls,
+            pretrained_model_name_or_path: PathLike,
             *,
-            model_id: str,
-            revision: Optional[str],
-            cache_dir: Optional[PathLike],
-            force_download: bool,
-            local_files_only: bool,
-            token: Optional[Union[str, bool]],
+            revision: Optional[str] = None,
+            cache_dir: Optional[PathLike] = None,
+            force_download: bool = False,
+            local_files_only: bool = False,
+            token: Optional[Union[str, bool]] = None,
             backbone_checkpoint: Optional[PathLike] = None,
             **model_kwargs: Any,
     ) -> 'DenoisedViT':
-        """`DenoisedViT.from_pretrained(repo_id_or_dir, backbone_checkpoint=None, revision=None)`.
+        """A denoiser in our format, from a local folder or a Hub repo id (`user/name`, through the Hub cache),
+        on the backbone its config.json names: timm's pretrained weights, or `backbone_checkpoint`.
 
-        Builds the backbone named in `config.json` (timm pretrained weights, or `backbone_checkpoint`)
-        and loads the denoiser. A local directory is read directly; a repo id goes through the Hub cache.
+        `model_kwargs` go to `DenoisedViT` (e.g. `pretrained=False` for a random backbone, `dynamic_img_pad=True`);
+        config.json only says what the denoiser is, so a downloaded one cannot set other options.
         """
-        if os.path.isdir(model_id):
-            source = Path(model_id)
+        path = Path(pretrained_model_name_or_path)
+        if path.exists():
+            source = path
+        elif len(path.parts) == 1:  # denoisers on the Hub are user/name
+            raise FileNotFoundError(f'no denoiser folder at {path}, and it is not a Hub repo id (user/name)')
+        elif path.parent.is_dir():
+            # 'runs/denoiser' is also a valid repo id, but with a local 'runs/' it is a mistyped path: say so now
+            # rather than after the Hub's retries.
+            raise FileNotFoundError(f'no denoiser folder at {path} (its parent folder exists, so it is not taken '
+                                    'for a Hub repo id)')
         else:
-            source = fetch_denoiser(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                    local_files_only=local_files_only, token=token)
-        _, cfg = read_denoiser_checkpoint(source)
-        if not cfg.backbone:
+            try:
+                source = fetch_denoiser(str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
+                                        force_download=force_download, local_files_only=local_files_only, token=token)
+            except HFValidationError as e:  # neither a folder nor a valid repo id: most likely a mistyped path
+                raise FileNotFoundError(f'no denoiser folder at {path}, and it is not a Hub repo id (user/name)') from e
+            except (EntryNotFoundError, HfHubHTTPError, OSError) as e:  # offline and not cached, no such repo
+                raise OSError(f'{pretrained_model_name_or_path}: not a local folder, so taken for a Hub repo id, and '
+                              f'its denoiser could not be fetched ({type(e).__name__}: {e})') from e
+        cfg = read_denoiser_config(source)
+        if cfg is None or not cfg.backbone:
             raise CheckpointError(f'{source}: no {CONFIG_NAME} naming the backbone; load these weights with '
                                   "DenoisedViT('<backbone>', denoiser_checkpoint=...) instead")
-        for name in DenoiserConfig.__dataclass_fields__:  # ModelHubMixin injects config.json entries
-            model_kwargs.pop(name, None)
         pretrained = model_kwargs.pop('pretrained', backbone_checkpoint is None)  # False: a random backbone
         return cls(cfg.backbone, pretrained=pretrained, backbone_checkpoint=backbone_checkpoint,
                    denoiser_checkpoint=source, grid_size=cfg.grid_size, **model_kwargs)

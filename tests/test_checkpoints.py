@@ -129,6 +129,18 @@ def test_checkpoint_for_another_backbone(tmp_path, authors_file):
         DenoisedViT('vit_small_patch14_reg4_dinov2', denoiser_checkpoint=ours)
 
 
+def test_checkpoint_for_other_weights_of_the_same_architecture(tmp_path):
+    """The authors' MAE denoiser is no denoiser for DINO's ViT-B/16 (same shapes, other weights); converting it
+    records the backbone it is for."""
+    mae = tmp_path / 'vit_base_patch16_224.mae.pth'
+    write_authors_checkpoint(mae, C=768, grid=32)
+    for backbone in ('vit_base_patch16_224.dino', 'vit_base_patch16_224'):  # no tag: timm's default, not MAE
+        with pytest.raises(CheckpointError, match=f'trained for backbone vit_base_patch16_224.mae, not {backbone}$'):
+            DenoisedViT(backbone, denoiser_checkpoint=mae)
+    cli_main(['convert', str(mae), str(tmp_path / 'ours'), '--model', 'vit_base_patch16_224.mae'])
+    assert json.loads((tmp_path / 'ours' / 'config.json').read_text())['backbone'] == 'vit_base_patch16_224.mae'
+
+
 @pytest.mark.parametrize('kind', ['pth', 'safetensors', 'config'])
 def test_corrupt_or_truncated_file_names_the_file(tmp_path, authors_file, kind):
     ours = tmp_path / 'ours'
@@ -238,7 +250,6 @@ def test_a_model_that_is_not_a_vit_is_named_before_any_download(monkeypatch):
 def test_backbone_checkpoint_with_a_new_head_or_input_channels(vits_checkpoint):
     """As timm loads pretrained weights: a fresh head for another `num_classes` or `global_pool='map'`, the first
     conv's RGB filters summed for one input channel, and every other weight from the file."""
-    from safetensors.torch import load_file, save_file
     ref = load_file(str(vits_checkpoint))
     model = DenoisedViT('vit_small_patch14_dinov2', backbone_checkpoint=vits_checkpoint, num_classes=10, in_chans=1,
                         global_pool='map').eval()
@@ -262,7 +273,7 @@ def test_corrupt_config_through_from_pretrained_names_the_file(tmp_path, authors
     ours = tmp_path / 'ours'
     DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
     (ours / 'config.json').write_text('{"backbone": ')
-    with pytest.raises(CheckpointError, match='ours: corrupt config.json'):
+    with pytest.raises(CheckpointError, match='ours/config.json: corrupt config'):
         DenoisedViT.from_pretrained(ours)
 
 
@@ -279,6 +290,49 @@ def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, authors
     (ours / 'config.json').write_text(json.dumps(change(config)))
     with pytest.raises(CheckpointError, match=f'config.json: {re.escape(message)}'):
         DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=ours)
+
+
+def test_config_json_only_says_what_the_denoiser_is(tmp_path, authors_file, vits_checkpoint):
+    """Entries of a (downloaded) config.json beyond the denoiser's own never reach the model's options."""
+    ours = tmp_path / 'ours'
+    DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
+    config = json.loads((ours / 'config.json').read_text())
+    extra = dict(pretrained=False, dynamic_img_size=False, foo=1, pretrained_cfg_overlay=dict(mean=[0, 0, 0]))
+    (ours / 'config.json').write_text(json.dumps({**config, **extra}))
+    model = DenoisedViT.from_pretrained(ours, backbone_checkpoint=vits_checkpoint)
+    assert model.dynamic_img_size and model.pretrained_cfg['mean'] != (0, 0, 0)
+    assert torch.equal(model.backbone.cls_token, load_file(str(vits_checkpoint))['cls_token'])
+    # what the caller passes does reach it
+    assert DenoisedViT.from_pretrained(ours, pretrained=False, dynamic_img_pad=True).backbone.patch_embed.dynamic_img_pad
+
+
+def test_an_interrupted_or_failed_save_leaves_the_folder_loadable(tmp_path, authors_file, monkeypatch):
+    ours = tmp_path / 'ours'
+    model = DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0])
+    model.save_pretrained(ours)
+    before = {p.name: p.read_bytes() for p in ours.iterdir()}
+    assert sorted(before) == ['README.md', 'config.json', 'model.safetensors']
+    pruned = DenoisedViT('vit_small_patch14_dinov2').eval()
+    pruned.prune_intermediate_layers([5])  # block 5 only: the denoiser goes
+    with pytest.raises(RuntimeError, match='no denoiser to save'):
+        pruned.save_pretrained(ours)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr('dvt_timm.checkpoint.save_file', killed)
+    with pytest.raises(KeyboardInterrupt):
+        DenoisedViT('vit_small_patch14_dinov2').save_pretrained(ours)
+    assert {p.name: p.read_bytes() for p in ours.iterdir()} == before  # no temporary file left either
+    DenoisedViT.from_pretrained(ours, pretrained=False)
+
+
+def test_convert_overwrite_writes_a_new_model_card(tmp_path):
+    for model, C in (('vit_base_patch14_dinov2', 768), ('vit_small_patch14_dinov2', 384)):
+        src = tmp_path / f'{model}.lvd142m.pth'
+        write_authors_checkpoint(src, C=C, grid=37)
+        cli_main(['convert', str(src), str(tmp_path / 'ours'), '--model', model, '--overwrite'])
+    card = (tmp_path / 'ours' / 'README.md').read_text()
+    assert 'vit_small_patch14_dinov2.lvd142m' in card and 'vit_base' not in card
 
 
 def test_from_pretrained_of_a_folder_without_config_says_so(tmp_path, authors_file, vits_checkpoint):
@@ -382,7 +436,7 @@ def test_cli_convert(tmp_path, authors_file, capsys):
     assert cfg.backbone == 'vit_small_patch14_dinov2.lvd142m' and cfg.embed_dim == 384
     assert torch.equal(sd['block.attn.proj.weight'], authors_file[1]['denoiser.attn.proj.weight'])
     assert cli_main(['convert', str(authors_file[0]), str(tmp_path / 'bad'), '--model', 'vit_base_patch14_dinov2']) == 1
-    assert 'embed_dim is 384 but backbone vit_base_patch14_dinov2 needs 768' in capsys.readouterr().err
+    assert 'embed_dim is 384 but backbone vit_base_patch14_dinov2.lvd142m needs 768' in capsys.readouterr().err
     assert not (tmp_path / 'bad').exists()
     # A folder that already holds a denoiser (a training run, say) is not overwritten unless asked.
     before = (out / 'model.safetensors').read_bytes()

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import atomic_write, backbone_arch
+from ..checkpoint import atomic_write, same_backbone
 from ..cli import positive_float, positive_int
 from ..data import image_size, list_images, load_image, unique_stems
 from ..model import DenoisedViT
@@ -277,7 +277,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         if args.limit and names is None:
             fs = fs.select(fs.names[:args.limit])
         if model is not None:
-            if backbone_arch(fs.model) != backbone_arch(model.backbone_name):
+            if not same_backbone(fs.model, model.backbone_name):
                 raise ValueError(f'{args.features} holds features of {fs.model}, but --model is {model.backbone_name}')
             fs.reference = zero_input_map(model, fs.input_size)
         missing = [v for v in variants if v not in fs.maps]

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from ..checkpoint import backbone_arch
+from ..checkpoint import same_backbone
 from ..fields.outputs import Stage1Error, Stage1Item, check_stage1
 
 __all__ = [
@@ -73,7 +73,7 @@ def scan_stage1(root: PathLike, model: Optional[str] = None, verify: bool = Fals
     if items:
         kinds = Counter((i.model, i.embed_dim, i.patch_size) for i in items)
         common = kinds.most_common(1)[0][0]
-        if model is not None and backbone_arch(model) != backbone_arch(common[0]):
+        if model is not None and not same_backbone(model, common[0]):
             found = ', '.join(f'{m} ({n} files)' for (m, _, _), n in kinds.most_common())
             raise Stage1Error(
                 f'--model is {model} but the stage-1 files in {root} hold features of {found}; '
