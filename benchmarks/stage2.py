@@ -65,10 +65,11 @@ def bench_io(C: int, grid: int, batch: int, workers: int, iters: int) -> float:
         model, opt = _setup(C, 'cpu')
         it = iter(loader)
         for _ in range(3):
-            train_step(model, opt, *next(it))
+            raw, clean, usable = next(it)
+            train_step(model, opt, raw, clean, usable=usable)
         t = time.perf_counter()
-        for raw, clean in it:
-            train_step(model, opt, raw, clean)
+        for raw, clean, usable in it:
+            train_step(model, opt, raw, clean, usable=usable)
         elapsed = time.perf_counter() - t
     rate = batch * iters / elapsed
     print(f'C={C} {grid}x{grid} tokens, batch {batch}, fp32, from fp16 files with {workers} workers, '

@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -161,10 +161,14 @@ def eval_batches(grids: Sequence[Tuple[int, int]], batch_size: int, rank: int, w
 
 
 class Stage1Dataset(Dataset):
-    """(raw, denoised) pairs as fp32 (h, w, C) tensors, read lazily from the files of `items`."""
+    """(raw, denoised, usable) from the files of `items`: fp32 (h, w, C) tensors read lazily, and whether the
+    file could be used. A file that has become unreadable, or holds NaN/Inf (found only when read unless
+    scanned with `verify`), is skipped with a warning: zeros with `usable` False, which the loss weights by 0, so
+    a run goes on and keeps every batch's composition (and with it resumed and multi-process runs identical)."""
 
     def __init__(self, items: Sequence[Stage1Item]) -> None:
         self.items = list(items)
+        self._warned: Set[Path] = set()  # per process: each DataLoader worker warns once per file
 
     @property
     def grids(self) -> List[Tuple[int, int]]:
@@ -173,16 +177,27 @@ class Stage1Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        path = self.items[index].path
+    def _read(self, item: Stage1Item) -> Tuple[torch.Tensor, torch.Tensor]:
         try:
-            with safe_open(str(path), framework='pt') as f:
+            with safe_open(str(item.path), framework='pt') as f:
                 raw, clean = f.get_tensor('raw'), f.get_tensor('denoised')
-        except (SafetensorError, OSError) as e:  # changed on disk since the scan
-            raise Stage1Error(f'{path}: unreadable stage-1 file ({e}); it was valid when scanned') from e
-        if raw.shape[:2] != self.items[index].grid:
-            raise Stage1Error(f'{path}: grid changed on disk since the scan')
+        except (SafetensorError, OSError) as e:
+            raise Stage1Error(f'unreadable ({e}), though it was valid when scanned') from e
+        if raw.shape[:2] != item.grid or clean.shape != raw.shape:
+            raise Stage1Error('its shapes changed on disk since the scan')
         raw, clean = raw.float(), clean.float()
         if not (raw.isfinite().all() and clean.isfinite().all()):  # it would make the loss NaN, naming nothing
-            raise Stage1Error(f'{path}: holds NaN or Inf; delete it, or train with --verify-data to skip such files')
+            raise Stage1Error('holds NaN or Inf (--verify-data finds such files before training)')
         return raw, clean
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self.items[index]
+        try:
+            raw, clean = self._read(item)
+        except Stage1Error as e:
+            if item.path not in self._warned:
+                self._warned.add(item.path)
+                _logger.warning('skipping stage-1 file %s: %s', item.path, e)
+            raw = clean = torch.zeros(*item.grid, item.embed_dim)
+            return raw, clean, torch.tensor(False)
+        return raw, clean, torch.tensor(True)

@@ -139,12 +139,15 @@ def train_step(
         raw: torch.Tensor,
         clean: torch.Tensor,
         amp: bool = False,
+        usable: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """One optimisation step on a same-grid batch of (B, h, w, C) tensors; returns the detached loss."""
+    """One optimisation step on a same-grid batch of (B, h, w, C) tensors; returns the detached loss.
+    `usable` (B,) bool leaves skipped samples out of the loss, which stays a sum over B divided by B."""
     B, h, w, C = raw.shape
     with torch.autocast(raw.device.type, dtype=torch.bfloat16, enabled=amp):
         pred = model(raw.reshape(B, h * w, C), (h, w))
-    loss = distance(pred.float(), clean.reshape(B, h * w, C)).mean()  # the loss itself always in fp32
+    d = distance(pred.float(), clean.reshape(B, h * w, C))  # the loss itself always in fp32
+    loss = d.mean() if usable is None else (d * usable).sum() / B
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -244,13 +247,14 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp: bool) -> O
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     was_training = model.training
     model.eval()
-    for raw, clean in loader:
+    for raw, clean, usable in loader:
         raw, clean = raw.to(env.device, non_blocking=True), clean.to(env.device, non_blocking=True)
+        usable = usable.to(env.device, torch.float64)
         B, h, w, C = raw.shape
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
             pred = model(raw.reshape(B, h * w, C), (h, w))
         d = distance(pred.float(), clean.reshape(B, h * w, C))
-        totals += torch.stack([d.sum().double(), torch.tensor(B, dtype=torch.float64, device=env.device)])
+        totals += torch.stack([(d.double() * usable).sum(), usable.sum()])
     model.train(was_training)
     totals = _all_reduce_sum(totals, env)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
@@ -602,10 +606,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
             epoch, offset = divmod(step, per_epoch)
             batches = global_batches(train_ds.grids, cfg.batch_size, cfg.seed, epoch)[offset:]
             train_sampler.batches = [rank_slice(b, env.rank, env.world_size) for b in batches]
-            for raw, clean in train_loader:
+            for raw, clean, usable in train_loader:
                 raw, clean = raw.to(env.device, non_blocking=True), clean.to(env.device, non_blocking=True)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                loss_sum += train_step(model, optimizer, raw, clean, cfg.amp)
+                loss_sum += train_step(model, optimizer, raw, clean, cfg.amp, usable.to(env.device))
                 scheduler.step()
                 step += 1
                 window_steps += 1
