@@ -113,7 +113,7 @@ def atomic_write(path: PathLike, write_fn) -> None:
         raise
 
 
-def _short_cause(e: Exception) -> str:
+def short_cause(e: Exception) -> str:
     """One line of a loading error. torch's weights_only refusal is a page that suggests weights_only=False
     or allowlisting, which we never do: keep only its reason (the global it refused)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -139,7 +139,7 @@ def load_state_dict_file(path: PathLike) -> Dict[str, object]:
             return load_file(str(path), device='cpu')
         obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # SafetensorError, UnpicklingError, EOFError, a KeyError on bytes that are no pickle, ...
-        cause = _short_cause(e)
+        cause = short_cause(e)
         raise CheckpointError(f'{path}: not a checkpoint that can be read safely: truncated or corrupt, another kind of '
                               f'file, or a pickle holding objects other than tensors ({type(e).__name__}: {cause})') from e
     if not isinstance(obj, dict):

@@ -371,6 +371,18 @@ def test_resume_names_the_files_that_changed(tmp_path):
         train(_config(tmp_path / 'data', out, resume=True, **run))
 
 
+def test_resume_from_a_checkpoint_that_is_not_ours_says_so(tmp_path):
+    write_stage1(tmp_path / 'data', {(8, 8): 4})
+    out = tmp_path / 'run'
+    out.mkdir()
+    for content, message in (([1, 2], 'not a dvt-timm training checkpoint'),
+                             ({'format': 'dvt-timm-train', 'step': 3}, r"a dvt-timm training checkpoint without \["),
+                             (os.system, 'cannot be read .*GLOBAL posix.system')):
+        torch.save(content, out / 'checkpoint.pt')
+        with pytest.raises(ValueError, match=f'checkpoint.pt.*{message}.*delete it to start over'):
+            train(_config(tmp_path / 'data', out, steps=2, batch_size=2, val_frac=0, resume=True))
+
+
 def test_a_stage1_file_that_goes_bad_is_skipped_with_a_warning(tmp_path, caplog):
     """Without --verify-data files are not read in full when scanned. One found holding NaN when read (or made
     unreadable since the scan) is named and left out of the loss, and the run goes on."""

@@ -63,7 +63,8 @@ def add_train_denoiser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out from its checkpoint.pt (starts a new run if there is none)')
     p.add_argument('--verify-data', action='store_true',
-                   help='read every stage-1 file in full when scanning and skip those holding NaN/Inf')
+                   help='read every stage-1 file in full when scanning and leave out those holding NaN/Inf '
+                        '(without it, such a file is skipped with a warning when read: zero weight in its batches)')
     p.add_argument('--stop-after-steps', type=int, default=None, metavar='N',
                    help='testing: kill this process (SIGKILL) right after step N, to exercise --resume')
 

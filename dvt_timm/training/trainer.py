@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, write_denoiser_checkpoint
+from ..checkpoint import CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, short_cause, write_denoiser_checkpoint
 from ..denoiser import Denoiser
 from ..losses import distance
 from ..model import default_input_size
@@ -369,8 +369,12 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
 def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: List[str], val_names: List[str],
                   path: Path) -> None:
     """A resumed run must be the same run: same run-defining settings and the same file split."""
-    if state.get('format') != TRAIN_STATE_FORMAT:
-        raise ValueError(f'{path}: not a dvt-timm training checkpoint')
+    if not isinstance(state, dict) or state.get('format') != TRAIN_STATE_FORMAT:
+        raise ValueError(f'{path}: not a dvt-timm training checkpoint; delete it to start over')
+    missing = sorted({'step', 'model', 'optimizer', 'scheduler', 'rng', 'settings', 'train_files', 'val_files'}
+                     - state.keys())
+    if missing:
+        raise ValueError(f'{path}: a dvt-timm training checkpoint without {missing}; delete it to start over')
     if int(state.get('format_version', 0)) > TRAIN_STATE_VERSION:
         raise ValueError(f'{path}: written by a newer dvt-timm (format_version {state["format_version"]})')
     saved = state['settings']
@@ -402,7 +406,8 @@ def _read_resume_state(cfg: TrainConfig, path: Path, env: DistEnv) -> Optional[D
             try:
                 outcome = (None, torch.load(path, map_location='cpu', weights_only=True))
             except Exception as e:  # truncated by hand, or not ours: say which file and what to do
-                outcome = (f'--resume: {path} cannot be read ({type(e).__name__}: {e}); delete it to start over', None)
+                outcome = (f'--resume: {path} cannot be read ({type(e).__name__}: {short_cause(e)}); delete it to '
+                           'start over', None)
         elif cfg.resume:
             _logger.info('--resume: no %s yet, starting a new run', path)
     if env.distributed:
