@@ -1,6 +1,7 @@
 """The `dvt-timm` command line."""
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -25,12 +26,15 @@ def positive_float(text: str) -> float:
 
 
 def output_folder(text: str) -> str:
-    """argparse type: a folder to write into, existing or not yet made, with no file in the way."""
+    """argparse type: a folder to write into, existing or not yet made, with no file in the way and
+    permission to write (checked now, not after the first results are computed)."""
     for path in (Path(text), *Path(text).parents):
         if path.exists():
             if not path.is_dir():
                 raise argparse.ArgumentTypeError(f'{path} is a file, not a folder' if path == Path(text) else
                                                  f'cannot make a folder in {path}: it is a file')
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(f'no permission to write in {path}')
             break
     return text
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['IMAGE_EXTENSIONS', 'list_images', 'unique_stems', 'load_image', 'image_size', 'image_to_tensor',
+__all__ = ['IMAGE_EXTENSIONS', 'list_images', 'unique_stems', 'as_rgb', 'load_image', 'image_size', 'image_to_tensor',
            'load_batch']
 
 _logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def list_images(source: PathLike) -> List[Path]:
         return [source]
     if source.is_file():
         try:
-            text = source.read_text()
+            text = source.read_text(encoding='utf-8-sig')  # a byte-order mark is not part of the first path
         except UnicodeDecodeError:
             raise ValueError(f'{source}: neither an image file ({", ".join(IMAGE_EXTENSIONS)}) nor a text file '
                              'listing image paths') from None
@@ -81,11 +81,15 @@ def _open_image(path: PathLike) -> Iterator[Image.Image]:
         raise ValueError(f'{path}: not a readable image ({e})') from e
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as RGB (grey, palette, RGBA, CMYK, ...; 16-bit and float grey rescaled to 8 bits)."""
+    return (_to_8bit(img) if img.mode.startswith('I') or img.mode == 'F' else img).convert('RGB')
+
+
 def load_image(path: PathLike) -> Image.Image:
-    """Open an image as RGB (16-bit and float grey images rescaled to 8 bits); a file that is not a
-    readable image raises `ValueError` naming it."""
+    """Open an image as RGB (see `as_rgb`); a file that is not a readable image raises `ValueError` naming it."""
     with _open_image(path) as img:
-        return (_to_8bit(img) if img.mode.startswith('I') or img.mode == 'F' else img).convert('RGB')
+        return as_rgb(img)
 
 
 def image_size(path: PathLike) -> Tuple[int, int]:
@@ -102,7 +106,7 @@ def image_to_tensor(
 ) -> torch.Tensor:
     """Squash-resize to `size` (H, W) with bicubic filtering, as DVT does, and normalise: (3, H, W)."""
     h, w = (size, size) if isinstance(size, int) else size
-    arr = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    arr = np.asarray(as_rgb(img).resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 

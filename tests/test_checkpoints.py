@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
@@ -427,6 +428,14 @@ def test_cli_output_folder_that_is_a_file_is_named(tmp_path, capsys, command):
             cli_main([a.format(out=out) for a in command])
         assert message.format(tmp_path / 'notes.txt') in capsys.readouterr().err
     assert (tmp_path / 'notes.txt').read_text() == 'keep me'
+    # A folder without write permission (faked: as root every folder is writable) is named up front too.
+    (tmp_path / 'locked').mkdir()
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, 'access', lambda path, mode: Path(path) != tmp_path / 'locked' and real_access(path, mode))
+        with pytest.raises(SystemExit):
+            cli_main([a.format(out=tmp_path / 'locked' / 'run') for a in command])
+    assert f'no permission to write in {tmp_path / "locked"}' in capsys.readouterr().err
 
 
 def test_cli_convert(tmp_path, authors_file, capsys):

@@ -35,6 +35,8 @@ def test_listing_one_file_a_list_or_a_folder(tmp_path):
         (tmp_path / hidden).parent.mkdir(exist_ok=True)
         Image.new('RGB', (8, 8)).save(tmp_path / hidden, format='JPEG')
     assert list_images(tmp_path) == [tmp_path / 'one.jpg']
+    (tmp_path / 'bom.txt').write_text('one.jpg\n', encoding='utf-8-sig')  # as Notepad saves it
+    assert list_images(tmp_path / 'bom.txt') == [tmp_path / 'one.jpg']
     Image.new('RGB', (8, 8)).save(tmp_path / 'anim.gif')  # a format we do not list: not read as a list of paths
     with pytest.raises(ValueError, match=r'anim.gif: neither an image file \(.jpg, .*\) nor a text file listing'):
         list_images(tmp_path / 'anim.gif')
@@ -53,3 +55,19 @@ def test_image_to_tensor_is_timms_squash_transform(sample_images):
     flat = image_to_tensor(Image.new('RGB', (30, 20), (255, 0, 128)), 14, mean, std)
     expected = [(1 - mean[0]) / std[0], (0 - mean[1]) / std[1], (128 / 255 - mean[2]) / std[2]]
     torch.testing.assert_close(flat[:, 7, 7], torch.tensor(expected), rtol=0, atol=1e-5)
+
+
+def test_image_to_tensor_takes_a_pil_image_of_any_mode():
+    """Grey, palette, alpha, CMYK and 16-bit images in memory are read as the RGB image they show."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (14, 28, 3), dtype=np.uint8))
+    ref = image_to_tensor(rgb, 14, mean, std)
+    for img in (rgb.convert('RGBA'), rgb.convert('CMYK'), rgb.convert('P')):
+        out = image_to_tensor(img, 14, mean, std)
+        torch.testing.assert_close(out, image_to_tensor(img.convert('RGB'), 14, mean, std), rtol=0, atol=0)
+        assert img.mode == 'P' or (out - ref).abs().max() < 0.05, img.mode  # P: the palette's colours
+    grey = rgb.convert('L')
+    sixteen = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+    for img in (grey, sixteen):
+        torch.testing.assert_close(image_to_tensor(img, 14, mean, std), image_to_tensor(grey.convert('RGB'), 14, mean, std),
+                                   rtol=0, atol=0.03)

@@ -136,8 +136,11 @@ def test_pairing_layouts(tmp_path, caplog, monkeypatch):
     for i in (2, 10):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(flat / f'{i}_image.png')
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(flat / f'{i}_target.png')
-    pairs = find_label_pairs(flat)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(flat / '11_image.png')  # no target: said to be left out
+    with caplog.at_level(logging.WARNING):
+        pairs = find_label_pairs(flat)
     assert [(a.name, b.name) for a, b in pairs] == [('2_image.png', '2_target.png'), ('10_image.png', '10_target.png')]
+    assert '1 of 3 images have no _target file and are left out: 11_image.png' in caplog.text
     (tmp_path / 'pics').mkdir()
     (tmp_path / 'anns').mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'pics' / 'x.jpg')

@@ -140,6 +140,8 @@ def test_denoise_images_names_bad_arguments(plain_vits):
         denoise_image(plain_vits, torch.zeros(3, 28, 28, dtype=torch.uint8), settings='fast')
     with pytest.raises(ValueError, match='holds NaN or inf'):
         denoise_image(plain_vits, torch.full((3, 28, 28), float('nan')), settings='fast')
+    with pytest.raises(TypeError, match='expected an image path, a PIL image or a normalised .* got ndarray'):
+        denoise_image(plain_vits, torch.zeros(28, 28, 3).numpy(), settings='fast')
     with pytest.raises(ValueError, match='ResNet is not a ViT with patch tokens'):
         denoise_image(timm.create_model('resnet18'), torch.zeros(3, 28, 28), settings='fast')
 

@@ -141,3 +141,12 @@ def test_visualize_command_real_backbone(vits_checkpoint, sample_images, tmp_pat
         _visualize([str(sample_images[0]), '--model', 'dvt_vit_small_patch14_dinov2', '--backbone-checkpoint',
                     str(vits_checkpoint), '--no-pretrained', '--raw-only', '--size', '56', '--out',
                     str(tmp_path / 'fig.jpg')])
+
+
+def test_visualize_reads_image_lists_as_the_other_commands_do(tmp_path):
+    from dvt_timm.evaluation.commands import _collect_images
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'b.gif')  # a format list_images does not name, still an image
+    (tmp_path / 'chosen.list').write_text('a.png\n# not this one\n')
+    assert _collect_images([str(tmp_path / 'chosen.list'), str(tmp_path / 'b.gif')]) == [tmp_path / 'a.png',
+                                                                                       tmp_path / 'b.gif']

@@ -432,12 +432,12 @@ def _collect_images(sources: Sequence[str]) -> List[Path]:
     paths: List[Path] = []
     for s in sources:
         path = Path(s)
-        if path.is_dir() or (path.is_file() and path.suffix.lower() in ('.txt', '.lst')):
+        try:  # a folder, an image file, or a text file listing images, as for the other commands
             paths.extend(list_images(path))
-        elif path.is_file():
+        except ValueError:  # a file that is not text: an image in a format list_images does not name (e.g. .gif)
             paths.append(path)
-        else:
-            raise FileNotFoundError(f'no image, folder or list at {path}')
+        except FileNotFoundError:
+            raise FileNotFoundError(f'no image, folder or list at {path}') from None
     if not paths:
         raise ValueError(f'no images in {list(sources)}')
     return paths

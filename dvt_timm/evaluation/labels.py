@@ -168,7 +168,7 @@ def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> L
     files = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     stems = _by_stem(files)
     for img_suffix, lab_suffix in _PAIR_SUFFIXES:
-        pairs = []
+        pairs, alone = [], []
         for stem, path in stems.items():
             if lab_suffix and stem.endswith(lab_suffix):
                 continue
@@ -177,7 +177,12 @@ def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> L
             key = stem[:len(stem) - len(img_suffix)] if img_suffix else stem
             if key + lab_suffix in stems:
                 pairs.append((path, stems[key + lab_suffix]))
+            else:
+                alone.append(path.name)
         if pairs:
+            if alone:
+                _logger.warning('%s: %d of %d images have no %s file and are left out: %s', root, len(alone),
+                                len(alone) + len(pairs), lab_suffix, ', '.join(alone[:5]) + (', ...' if len(alone) > 5 else ''))
             return sorted(pairs, key=lambda pair: _natural_key(pair[0].name))
     return []
 

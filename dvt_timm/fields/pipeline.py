@@ -65,11 +65,14 @@ def _as_tensor(image: ImageLike, size: int, mean, std) -> torch.Tensor:
         if not image.isfinite().all():
             raise ValueError('the image tensor holds NaN or inf values')
         if image.shape[-2:] != (size, size):
-            image = torch.nn.functional.interpolate(image[None], size=(size, size), mode='bicubic',
+            image = torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode='bicubic',
                                                     align_corners=False, antialias=True)[0]
-        return image
-    img = image if isinstance(image, Image.Image) else load_image(image)
-    return image_to_tensor(img, size, mean, std)
+        return image.float()
+    if isinstance(image, Image.Image):
+        return image_to_tensor(image, size, mean, std)
+    if isinstance(image, (str, os.PathLike)):
+        return image_to_tensor(load_image(image), size, mean, std)
+    raise TypeError(f'expected an image path, a PIL image or a normalised (3, H, W) tensor, got {type(image).__name__}')
 
 
 def image_view_features(
