@@ -5,6 +5,7 @@ was trained for, and `model.safetensors` holding the denoiser weights only (`pos
 The authors' files (Hub repo `jjiaweiyang/DVT`) are pickled dicts whose `"denoiser"` entry holds
 `pos_embed` and `denoiser.*`; they are read with `torch.load(weights_only=True)` and renamed on the fly.
 """
+import hashlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
-    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'atomic_write',
+    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'file_sha256', 'atomic_write',
 ]
 
 FORMAT_VERSION = 1
@@ -85,6 +86,15 @@ def with_default_tag(name: str) -> str:
         return name
     cfg = timm.models.get_pretrained_cfg(name)
     return f'{name}.{cfg.tag}' if cfg is not None and cfg.tag else name
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def same_backbone(a: str, b: str) -> bool:

@@ -597,7 +597,8 @@ class DenoisedViT(
         if patch_size is not None and tuple(to_2tuple(patch_size)) != (self.patch_size, self.patch_size):
             raise ValueError(f'the patch size of a DenoisedViT is fixed at {self.patch_size}; got {patch_size}')
         self.backbone.set_input_size(img_size=img_size)
-        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, *self.backbone.patch_embed.img_size)}
+        h, w = self.backbone.patch_embed.img_size
+        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, h, w)}
 
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()

@@ -304,7 +304,8 @@ def test_config_json_only_says_what_the_denoiser_is(tmp_path, authors_file, vits
     assert model.dynamic_img_size and model.pretrained_cfg['mean'] != (0, 0, 0)
     assert torch.equal(model.backbone.cls_token, load_file(str(vits_checkpoint))['cls_token'])
     # what the caller passes does reach it
-    assert DenoisedViT.from_pretrained(ours, pretrained=False, dynamic_img_pad=True).backbone.patch_embed.dynamic_img_pad
+    padded = DenoisedViT.from_pretrained(ours, pretrained=False, dynamic_img_pad=True)
+    assert padded.backbone.patch_embed.dynamic_img_pad
 
 
 def test_an_interrupted_or_failed_save_leaves_the_folder_loadable(tmp_path, authors_file, monkeypatch):

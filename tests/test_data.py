@@ -69,5 +69,5 @@ def test_image_to_tensor_takes_a_pil_image_of_any_mode():
     grey = rgb.convert('L')
     sixteen = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
     for img in (grey, sixteen):
-        torch.testing.assert_close(image_to_tensor(img, 14, mean, std), image_to_tensor(grey.convert('RGB'), 14, mean, std),
-                                   rtol=0, atol=0.03)
+        expected = image_to_tensor(grey.convert('RGB'), 14, mean, std)
+        torch.testing.assert_close(image_to_tensor(img, 14, mean, std), expected, rtol=0, atol=0.03)

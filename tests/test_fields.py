@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from conftest import require_triton
 from dvt_timm import DenoisedViT
@@ -323,14 +325,25 @@ def test_denoise_images_cli_keeps_inputs_and_refuses_to_mix_settings(tmp_path, s
     code, printed = run('--image-size', '28')
     assert code == 1 and "was made with other settings than this run (input_size '56,56', now '28,28'; " \
                          "image_size 56, now 28)" in printed.err
+    # Other backbone weights under the same name, or another picture under the same file name, are not mixed in.
+    tuned = {k: v.clone() for k, v in load_file(str(vits_checkpoint)).items()}
+    tuned['norm.bias'] += 0.01
+    save_file(tuned, str(tmp_path / 'tuned.safetensors'))
+    code, printed = run('--image-size', '56', '--backbone-checkpoint', str(tmp_path / 'tuned.safetensors'))
+    assert code == 1 and re.search(r"other settings .*\(backbone_weights 'sha256:\w+', now 'sha256:", printed.err)
+    (folder / sorted(inputs)[0]).write_bytes(sample_images[2].read_bytes())
+    code, printed = run('--image-size', '56')
+    assert code == 1 and f'was made from another picture ({folder / sorted(inputs)[0]}) than ' in printed.err
+    (folder / sorted(inputs)[0]).write_bytes(inputs[sorted(inputs)[0]])
     # Outputs written before `sparse_table_adam` existed were made with the dense Adam: the fast preset (dense)
-    # resumes them, a run with the sparse one names the difference.
+    # resumes them, a run with the sparse one names the difference. Those written before the backbone's weights
+    # were recorded are taken as made with these.
     for path in folder.glob('*.safetensors'):
         raw, denoised, item = read_stage1(path)
         settings = json.loads(item.metadata['settings'])
         del settings['sparse_table_adam']
-        write_stage1(path, raw, denoised, {**item.metadata, 'settings': json.dumps(settings, sort_keys=True)},
-                     torch.float32)
+        meta = {k: v for k, v in item.metadata.items() if k != 'backbone_weights'}
+        write_stage1(path, raw, denoised, {**meta, 'settings': json.dumps(settings, sort_keys=True)}, torch.float32)
     code, printed = run('--image-size', '56')
     assert code == 0 and '0 done, 2 skipped (already done), 0 failed' in printed.out
     code, printed = run('--image-size', '56', '--sparse-table-adam')

@@ -369,6 +369,13 @@ def test_resume_names_the_files_that_changed(tmp_path):
     changed = r"the stage-1 files changed .*\(gone: \['img002.safetensors'\]; new: \['img100.safetensors'\]\)"
     with pytest.raises(ValueError, match=changed):
         train(_config(tmp_path / 'data', out, resume=True, **run))
+    # The same names, but one file made from another image: not the run the checkpoint belongs to either.
+    (tmp_path / 'data' / 'img100.safetensors').rename(tmp_path / 'data' / 'img002.safetensors')
+    raw, clean = (load_file(str(tmp_path / 'data' / 'img002.safetensors'))[k] for k in ('raw', 'denoised'))
+    save_file({'raw': raw, 'denoised': clean}, str(tmp_path / 'data' / 'img002.safetensors'),
+              metadata={**_meta((8, 8)), 'image': 'another/img002.png'})
+    with pytest.raises(ValueError, match='the stage-1 files have the names they had .* but other contents'):
+        train(_config(tmp_path / 'data', out, resume=True, **run))
 
 
 def test_resume_from_a_checkpoint_that_is_not_ours_says_so(tmp_path):

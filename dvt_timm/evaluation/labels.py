@@ -181,8 +181,9 @@ def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> L
                 alone.append(path.name)
         if pairs:
             if alone:
+                shown = ', '.join(alone[:5]) + (', ...' if len(alone) > 5 else '')
                 _logger.warning('%s: %d of %d images have no %s file and are left out: %s', root, len(alone),
-                                len(alone) + len(pairs), lab_suffix, ', '.join(alone[:5]) + (', ...' if len(alone) > 5 else ''))
+                                len(alone) + len(pairs), lab_suffix, shown)
             return sorted(pairs, key=lambda pair: _natural_key(pair[0].name))
     return []
 

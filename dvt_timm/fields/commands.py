@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import file_sha256
 from ..cli import output_folder, positive_float, positive_int
 from ..data import list_images
 from .decomposition import PRESETS
@@ -52,6 +53,8 @@ def _run(args: argparse.Namespace) -> None:
     if on_cpu and args.preset == 'paper' and args.views is None and args.iterations is None:
         _logger.warning('the paper preset (%d views, %d steps) is meant for a GPU; on a CPU use --preset fast',
                         settings.n_views, settings.iterations)
+    # outputs record which weights made them, so that a re-run with others does not mix its results in
+    weights = f'sha256:{file_sha256(args.backbone_checkpoint)}' if args.backbone_checkpoint else 'pretrained'
     visuals = None
     if args.save_visuals:
         from .visuals import save_stage1_visuals
@@ -59,7 +62,7 @@ def _run(args: argparse.Namespace) -> None:
     summary = denoise_folder(
         model, images, Path(args.out), settings, model.backbone_name, batch_images=args.batch_images,
         dtype=torch.float16 if args.dtype == 'fp16' else torch.float32, device=device, backend=args.backend,
-        visuals=visuals)
+        visuals=visuals, backbone_weights=weights)
     print(f'stage 1: {summary}')
     for failure in summary.failed:
         print(f'  failed: {failure}')

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..checkpoint import with_default_tag
+from ..checkpoint import file_sha256, with_default_tag
 from ..data import load_image, unique_stems
 from .decomposition import Decomposition, FieldSettings, image_seed
 from .outputs import Stage1Error, check_stage1, write_stage1
@@ -53,6 +53,8 @@ def visuals_dir(out_dir: Path) -> Path:
 
 # Settings added after outputs were first written, with the value those older outputs were made with.
 _SETTINGS_BEFORE_THEY_EXISTED = {'sparse_table_adam': False}
+# Metadata entries added later: an older output without one is not checked against it.
+_RECORDED_SINCE_LATER = ('backbone_weights',)
 
 
 def _comparable(key: str, value: Optional[str]) -> Optional[str]:
@@ -70,19 +72,24 @@ def _comparable(key: str, value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _finished(path: Path, expected: Dict[str, str]) -> bool:
+def _finished(path: Path, expected: Dict[str, str], image: Path) -> bool:
     """Whether an existing output is finished work of this run: False (logged, redone) for an unreadable
-    file; an error for one made with other settings, which a resumed run must not mix in."""
+    file; an error for one made with other settings or backbone weights, or from another picture of the same
+    name, which a resumed run must not mix in."""
     try:
         meta = check_stage1(path).metadata
     except Stage1Error as e:
         _logger.warning('redoing %s: %s', path, e)
         return False
-    differ = sorted(k for k, v in expected.items() if _comparable(k, meta.get(k)) != _comparable(k, v))
+    differ = sorted(k for k, v in expected.items() if _comparable(k, meta.get(k)) != _comparable(k, v)
+                    and not (k in _RECORDED_SINCE_LATER and k not in meta))
     if differ:
         changes = '; '.join(_difference(k, meta.get(k), expected[k]) for k in differ)
         raise ValueError(f'{path} was made with other settings than this run ({changes}); use another output '
                          'folder, or delete the file to redo it')
+    if 'image_sha256' in meta and meta['image_sha256'] != file_sha256(image):
+        raise ValueError(f'{path} was made from another picture ({meta.get("image")}) than {image}, which has the '
+                         'same name; use another output folder, or delete the file to redo it')
     return True
 
 
@@ -126,12 +133,15 @@ def denoise_folder(
         visuals: Optional[Callable[[Image.Image, Path, Decomposition], None]] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        backbone_weights: str = 'pretrained',
 ) -> FolderSummary:
     """Run stage 1 on this rank's share of `images`, writing `out_dir/<stem>.safetensors` per image.
 
-    `visuals(image, png_path, result)`, if given, writes a PNG per image to `visuals_dir(out_dir)`. Existing
-    outputs count as done when they were made with the same model, input size and settings (else the run
-    stops before computing anything); unreadable ones are redone.
+    `visuals(image, png_path, result)`, if given, writes a PNG per image to `visuals_dir(out_dir)`.
+    `backbone_weights` says which weights `model_name` has: 'pretrained' (timm's), or 'sha256:<hex>' of the
+    checkpoint file loaded. Existing outputs count as done when they were made from the same image file with
+    the same model, weights, input size and settings (else the run stops before computing anything);
+    unreadable ones are redone.
     """
     unique_stems(images)  # a stem names the image's output file; checked before anything is written
     out_dir = Path(out_dir)
@@ -141,10 +151,11 @@ def denoise_folder(
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
     mine = groups[rank::world_size]
     _remove_stale_temps(out_dir, [p for g in mine for p in g])
-    expected = {'model': model_name, 'input_size': f'{settings.image_size},{settings.image_size}',
+    expected = {'model': model_name, 'backbone_weights': backbone_weights,
+                'input_size': f'{settings.image_size},{settings.image_size}',
                 'settings': json.dumps(asdict(settings), sort_keys=True)}
     finished = {p for g in mine for p in g
-                if output_path(out_dir, p).exists() and _finished(output_path(out_dir, p), expected)}
+                if output_path(out_dir, p).exists() and _finished(output_path(out_dir, p), expected, p)}
 
     summary = FolderSummary()
     start = time.perf_counter()
@@ -184,7 +195,7 @@ def denoise_folder(
                 continue
             out = output_path(out_dir, p)
             meta = {**expected, 'patch_size': str(settings.image_size // result.raw.shape[0]), 'image': str(p),
-                    'image_seed': str(image_seed(settings.seed, p.stem))}
+                    'image_sha256': file_sha256(p), 'image_seed': str(image_seed(settings.seed, p.stem))}
             if visuals is not None:  # before the features: their file is what marks the image done
                 visuals(image, visuals_dir(out_dir) / f'{p.stem}.png', result)
             write_stage1(out, result.raw, result.denoised, meta, dtype)

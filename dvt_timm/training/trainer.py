@@ -366,8 +366,17 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError('--val-every, --ckpt-every, --log-every and --workers must not be negative')
 
 
+def _data_digest(items: Sequence[Stage1Item]) -> str:
+    """What identifies the stage-1 data beyond its file names: each file's size and header (backbone, settings,
+    the image it came from and that image's hash)."""
+    digest = hashlib.sha256()
+    for it in items:
+        digest.update(json.dumps([it.path.name, it.path.stat().st_size, it.metadata], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: List[str], val_names: List[str],
-                  path: Path) -> None:
+                  data_digest: str, path: Path) -> None:
     """A resumed run must be the same run: same run-defining settings and the same file split."""
     if not isinstance(state, dict) or state.get('format') != TRAIN_STATE_FORMAT:
         raise ValueError(f'{path}: not a dvt-timm training checkpoint; delete it to start over')
@@ -390,6 +399,9 @@ def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: 
         raise ValueError(f'--resume: the stage-1 files changed since {path} was written '
                          f'(gone: {gone[:5]}{"..." if len(gone) > 5 else ""}; '
                          f'new: {new[:5]}{"..." if len(new) > 5 else ""}); restore them or start a new --out')
+    if state.get('data_digest', data_digest) != data_digest:  # checkpoints before it was recorded: names only
+        raise ValueError(f'--resume: the stage-1 files have the names they had when {path} was written, but other '
+                         'contents (the images or settings they were made from); restore them or start a new --out')
 
 
 def _read_resume_state(cfg: TrainConfig, path: Path, env: DistEnv) -> Optional[Dict[str, Any]]:
@@ -493,6 +505,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     train_names = [it.path.name for it in train_items]
     val_names = [it.path.name for it in val_items]
     _check_ranks_agree([train_names, val_names, train_ds.grids, val_ds.grids], env, 'stage-1 files')
+    data_digest = _data_digest(scan.items)
 
     # Model, optimiser, schedule: seeded identically on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
@@ -509,7 +522,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
-        _check_resume(saved, settings, train_names, val_names, ckpt_path)
+        _check_resume(saved, settings, train_names, val_names, data_digest, ckpt_path)
         module.load_state_dict(saved['model'])
         optimizer.load_state_dict(saved['optimizer'])
         scheduler.load_state_dict(saved['scheduler'])
@@ -556,7 +569,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
             state = dict(format=TRAIN_STATE_FORMAT, format_version=TRAIN_STATE_VERSION, step=step,
                          model=module.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
-                         train_files=train_names, val_files=val_names, val_loss=last_val, best=best,
+                         train_files=train_names, val_files=val_names, data_digest=data_digest, val_loss=last_val,
+                         best=best,
                          best_weights=best_weights, denoiser_config=denoiser_config.to_dict())
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
             log(event='checkpoint', step=step)
