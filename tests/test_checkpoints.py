@@ -387,6 +387,24 @@ def test_upload_denoiser_sends_the_model_not_the_training_state(tmp_path, author
     assert not sent  # nothing is created or sent for a folder that does not load
 
 
+def test_push_to_hub_sends_what_save_pretrained_writes(tmp_path, authors_file, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    sent = {}
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        sent.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()}, repo=repo_id)
+        return 'commit-url'
+    monkeypatch.setattr(HfApi, 'create_repo', lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    model = DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0])
+    assert model.push_to_hub('me/dvt-vits') == 'commit-url' and sent.pop('repo') == 'me/dvt-vits'
+    assert sorted(sent) == ['README.md', 'config.json', 'model.safetensors']
+    assert json.loads(sent['config.json'])['backbone'] == 'vit_small_patch14_dinov2'
+    assert b'DenoisedViT.from_pretrained("me/dvt-vits")' in sent['README.md']  # the card loads from the repo
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / 'opaque.pth'
     torch.save({'denoiser': {'pos_embed': torch.zeros(1, 4, 8)}, 'args': _Opaque()}, path)

@@ -54,7 +54,7 @@ def visuals_dir(out_dir: Path) -> Path:
 # Settings added after outputs were first written, with the value those older outputs were made with.
 _SETTINGS_BEFORE_THEY_EXISTED = {'sparse_table_adam': False}
 # Metadata entries added later: an older output without one is not checked against it.
-_RECORDED_SINCE_LATER = ('backbone_weights',)
+_ENTRIES_ADDED_LATER = ('backbone_weights',)
 
 
 def _comparable(key: str, value: Optional[str]) -> Optional[str]:
@@ -82,7 +82,7 @@ def _finished(path: Path, expected: Dict[str, str], image: Path) -> bool:
         _logger.warning('redoing %s: %s', path, e)
         return False
     differ = sorted(k for k, v in expected.items() if _comparable(k, meta.get(k)) != _comparable(k, v)
-                    and not (k in _RECORDED_SINCE_LATER and k not in meta))
+                    and not (k in _ENTRIES_ADDED_LATER and k not in meta))
     if differ:
         changes = '; '.join(_difference(k, meta.get(k), expected[k]) for k in differ)
         raise ValueError(f'{path} was made with other settings than this run ({changes}); use another output '

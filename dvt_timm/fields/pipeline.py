@@ -64,10 +64,11 @@ def _as_tensor(image: ImageLike, size: int, mean, std) -> torch.Tensor:
             raise ValueError(f'expected a normalised float (3, H, W) image tensor, got {image.dtype}')
         if not image.isfinite().all():
             raise ValueError('the image tensor holds NaN or inf values')
+        image = image.float()  # the pipeline works in fp32 (bicubic resizing has no fp16 CPU kernel)
         if image.shape[-2:] != (size, size):
-            image = torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode='bicubic',
+            image = torch.nn.functional.interpolate(image[None], size=(size, size), mode='bicubic',
                                                     align_corners=False, antialias=True)[0]
-        return image.float()
+        return image
     if isinstance(image, Image.Image):
         return image_to_tensor(image, size, mean, std)
     if isinstance(image, (str, os.PathLike)):

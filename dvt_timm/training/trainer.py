@@ -380,12 +380,12 @@ def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], train_names: 
     """A resumed run must be the same run: same run-defining settings and the same file split."""
     if not isinstance(state, dict) or state.get('format') != TRAIN_STATE_FORMAT:
         raise ValueError(f'{path}: not a dvt-timm training checkpoint; delete it to start over')
+    if int(state.get('format_version', 0)) > TRAIN_STATE_VERSION:
+        raise ValueError(f'{path}: written by a newer dvt-timm (format_version {state["format_version"]})')
     missing = sorted({'step', 'model', 'optimizer', 'scheduler', 'rng', 'settings', 'train_files', 'val_files'}
                      - state.keys())
     if missing:
         raise ValueError(f'{path}: a dvt-timm training checkpoint without {missing}; delete it to start over')
-    if int(state.get('format_version', 0)) > TRAIN_STATE_VERSION:
-        raise ValueError(f'{path}: written by a newer dvt-timm (format_version {state["format_version"]})')
     saved = state['settings']
     diffs = [f'{k}: checkpoint {saved.get(k)!r}, now {settings[k]!r}' for k in _RUN_DEFINING
              if _plain(saved.get(k)) != _plain(settings[k])]
