@@ -47,7 +47,8 @@ def unique_stems(paths: Sequence[Path]) -> List[str]:
     seen: Dict[str, Path] = {}
     for p in paths:
         if p.stem in seen:
-            raise ValueError(f'two images share the name {p.stem!r}: {seen[p.stem]} and {p}')
+            raise ValueError(f'two images share the name {p.stem!r}: {seen[p.stem]} and {p}; their results are named '
+                             'by file stem, so rename one, or give each folder its own run (--out)')
         seen[p.stem] = p
     return list(seen)
 

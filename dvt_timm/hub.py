@@ -12,10 +12,12 @@ __all__ = ['split_repo_revision', 'fetch_denoiser', 'upload_denoiser']
 
 
 def split_repo_revision(repo_id: str, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """timm's `user/repo@revision` spelling -> (repo, revision)."""
+    """timm's `user/repo@revision` spelling -> (repo, revision); a different `revision` as well is an error."""
     if '@' in repo_id:
         repo_id, rev = repo_id.split('@', 1)
-        revision = revision or rev
+        if revision is not None and revision != rev:
+            raise ValueError(f'two revisions for {repo_id}: @{rev} in the name and revision={revision!r}')
+        revision = rev
     return repo_id, revision
 
 

@@ -114,8 +114,8 @@ class DenoisedViT(
         denoiser_checkpoint: an authors' `.pth`, or a directory / `model.safetensors` in our format.
         grid_size: side K of the denoiser's learned position embedding; defaults to the patch grid at
             518 px (patch 14) or 512 px (other patch sizes). A loaded denoiser checkpoint brings its own.
-        freeze_backbone: freeze the backbone's feature extractor and keep it in eval mode; its classifier head
-            (`num_classes=`, `reset_classifier`) stays trainable.
+        freeze_backbone: freeze the backbone and keep it in eval mode; a new classifier head (`num_classes=`
+            other than the pretrained one's, or `reset_classifier`) stays trainable, as a probe on frozen features.
         **backbone_kwargs: passed to `timm.create_model` for the backbone (e.g. `num_classes`,
             `dynamic_img_pad=True` to accept sizes that are not multiples of the patch size).
     """
@@ -181,7 +181,9 @@ class DenoisedViT(
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-            self.backbone.get_classifier().requires_grad_(True)  # as reset_classifier's new head: a probe trains
+            pretrained_classes = (getattr(backbone, 'pretrained_cfg', None) or {}).get('num_classes')
+            if self.num_classes and self.num_classes != pretrained_classes:  # a new head, as reset_classifier's
+                self.backbone.get_classifier().requires_grad_(True)
             self.backbone.eval()
         if backbone_checkpoint is not None:
             self.load_backbone_checkpoint(backbone_checkpoint)
@@ -330,11 +332,11 @@ class DenoisedViT(
         `push_to_hub`, also upload it (see `push_to_hub`). `config` is ignored: config.json is the denoiser's."""
         if self.denoiser is None:
             raise RuntimeError('this model has no denoiser to save (it was pruned away with the last block)')
-        head = {id(p) for p in self.backbone.get_classifier().parameters()}
-        if any(p.requires_grad and id(p) not in head for p in self.backbone.parameters()):
-            _logger.warning('save_pretrained writes the denoiser only: the backbone is trainable here '
-                            '(freeze_backbone=False), and weights it has learned are not saved; save '
-                            'model.backbone.state_dict() yourself and load it with backbone_checkpoint=')
+        trainable = [name for name, p in self.backbone.named_parameters() if p.requires_grad]
+        if trainable:
+            _logger.warning('save_pretrained writes the denoiser only: backbone parameters are trainable here (%s%s), '
+                            'and what they have learned is not saved; save model.backbone.state_dict() yourself and '
+                            'load it with backbone_checkpoint=', ', '.join(trainable[:3]), ', ...' * (len(trainable) > 3))
         save_directory = Path(save_directory)
         write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
         card_path = save_directory / CARD_NAME
@@ -399,8 +401,9 @@ class DenoisedViT(
             raise CheckpointError(f'{source}: no {CONFIG_NAME} naming the backbone; load these weights with '
                                   "DenoisedViT('<backbone>', denoiser_checkpoint=...) instead")
         pretrained = model_kwargs.pop('pretrained', backbone_checkpoint is None)  # False: a random backbone
+        model_kwargs.setdefault('grid_size', cfg.grid_size)
         return cls(cfg.backbone, pretrained=pretrained, backbone_checkpoint=backbone_checkpoint,
-                   denoiser_checkpoint=source, grid_size=cfg.grid_size, **model_kwargs)
+                   denoiser_checkpoint=source, **model_kwargs)
 
     # ----------------------------------------------------------------- forward
     def _grid(self, x: torch.Tensor) -> Tuple[int, int]:
@@ -448,8 +451,9 @@ class DenoisedViT(
         return tokens.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     def raw_and_denoised(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Both final-layer feature maps (B, C, h, w) from one backbone pass: the raw ones and the
-        denoised ones (whatever `denoising` says), for comparisons and for training targets."""
+        """Both final-layer feature maps (B, C, h, w) from one backbone pass: the raw ones (the backbone's output;
+        without its final norm once `prune_intermediate_layers(prune_norm=True)` dropped it) and the denoised ones
+        (whatever `denoising` says), for comparisons and for training targets."""
         if self.denoiser is None:
             raise RuntimeError('this model has no denoiser (it was pruned away)')
         grid = self._grid(x)
@@ -597,8 +601,9 @@ class DenoisedViT(
         if patch_size is not None and tuple(to_2tuple(patch_size)) != (self.patch_size, self.patch_size):
             raise ValueError(f'the patch size of a DenoisedViT is fixed at {self.patch_size}; got {patch_size}')
         self.backbone.set_input_size(img_size=img_size)
-        h, w = self.backbone.patch_embed.img_size
-        self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, h, w)}
+        if img_size is not None:
+            h, w = self.backbone.patch_embed.img_size
+            self.pretrained_cfg = {**self.pretrained_cfg, 'input_size': (self.in_chans, h, w)}
 
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()

@@ -228,9 +228,12 @@ def test_a_pth_of_our_own_layout_loads(tmp_path, authors_file):
 def test_save_pretrained_warns_that_a_trainable_backbone_is_not_saved(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         DenoisedViT('vit_small_patch14_dinov2').save_pretrained(tmp_path / 'frozen')
-        assert 'backbone is trainable' not in caplog.text
+        assert 'trainable here' not in caplog.text
         DenoisedViT('vit_small_patch14_dinov2', freeze_backbone=False).save_pretrained(tmp_path / 'tuned')
-    assert 'writes the denoiser only: the backbone is trainable here' in caplog.text
+        assert 'writes the denoiser only: backbone parameters are trainable here (cls_token, pos_embed' in caplog.text
+        caplog.clear()
+        DenoisedViT('vit_small_patch14_dinov2', num_classes=5).save_pretrained(tmp_path / 'probe')  # a new head
+    assert 'trainable here (head.weight, head.bias)' in caplog.text
 
 
 def test_a_dvt_model_name_is_not_a_backbone():
@@ -293,18 +296,23 @@ def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, authors
         DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=ours)
 
 
-def test_config_json_only_says_what_the_denoiser_is(tmp_path, authors_file, vits_checkpoint):
+def test_config_json_only_says_what_the_denoiser_is(tmp_path, authors_file, monkeypatch):
     """Entries of a (downloaded) config.json beyond the denoiser's own never reach the model's options."""
     ours = tmp_path / 'ours'
     DenoisedViT('vit_small_patch14_dinov2', denoiser_checkpoint=authors_file[0]).save_pretrained(ours)
     config = json.loads((ours / 'config.json').read_text())
     extra = dict(pretrained=False, dynamic_img_size=False, foo=1, pretrained_cfg_overlay=dict(mean=[0, 0, 0]))
     (ours / 'config.json').write_text(json.dumps({**config, **extra}))
-    model = DenoisedViT.from_pretrained(ours, backbone_checkpoint=vits_checkpoint)
-    assert model.dynamic_img_size and model.pretrained_cfg['mean'] != (0, 0, 0)
-    assert torch.equal(model.backbone.cls_token, load_file(str(vits_checkpoint))['cls_token'])
+    built = []
+    create = dvt_timm.model._create_backbone
+    monkeypatch.setattr(dvt_timm.model, '_create_backbone', lambda name, pretrained, kwargs: (
+        built.append((pretrained, dict(kwargs))) or create(name, False, kwargs)))  # offline: never fetch
+    model = DenoisedViT.from_pretrained(ours)
+    assert built[-1] == (True, {'dynamic_img_size': True}) and model.dynamic_img_size
+    assert tuple(model.pretrained_cfg['mean']) == timm.get_pretrained_cfg('vit_small_patch14_dinov2').mean
     # what the caller passes does reach it
-    padded = DenoisedViT.from_pretrained(ours, pretrained=False, dynamic_img_pad=True)
+    padded = DenoisedViT.from_pretrained(ours, pretrained=False, dynamic_img_pad=True, grid_size=37)
+    assert built[-1] == (False, {'dynamic_img_size': True, 'dynamic_img_pad': True})
     assert padded.backbone.patch_embed.dynamic_img_pad
 
 
@@ -403,6 +411,14 @@ def test_push_to_hub_sends_what_save_pretrained_writes(tmp_path, authors_file, m
     assert sorted(sent) == ['README.md', 'config.json', 'model.safetensors']
     assert json.loads(sent['config.json'])['backbone'] == 'vit_small_patch14_dinov2'
     assert b'DenoisedViT.from_pretrained("me/dvt-vits")' in sent['README.md']  # the card loads from the repo
+
+
+def test_a_revision_in_the_repo_id_and_another_as_an_argument_is_refused():
+    from dvt_timm.hub import split_repo_revision
+    assert split_repo_revision('me/x@v1') == split_repo_revision('me/x@v1', 'v1') == ('me/x', 'v1')
+    assert split_repo_revision('me/x', 'v2') == ('me/x', 'v2')
+    with pytest.raises(ValueError, match=r"two revisions for me/x: @v1 in the name and revision='v2'"):
+        DenoisedViT.from_pretrained('me/x@v1', revision='v2')
 
 
 def test_pickled_objects_are_refused(tmp_path):

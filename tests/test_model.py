@@ -143,6 +143,9 @@ def test_timm_vit_api(model, plain_vits, photos):
     for name in ('head_hidden_size', 'global_pool', 'dynamic_img_size', 'has_class_token', 'num_reg_tokens'):
         assert getattr(model, name) == getattr(plain_vits, name), name
     assert model.default_cfg is model.pretrained_cfg
+    before = dict(model.pretrained_cfg)
+    model.set_input_size(patch_size=14)  # no new size: the data config stays the denoiser's
+    assert model.pretrained_cfg == before
     with torch.inference_mode():
         layers = model.get_intermediate_layers(photos[:1], n=2, reshape=True, return_prefix_tokens=True)
         ref = model.forward_intermediates(photos[:1], indices=2, return_prefix_tokens=True, intermediates_only=True)
@@ -165,6 +168,11 @@ def test_a_new_head_trains_on_the_frozen_backbone(photos):
     assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if not n.startswith('head.'))
     model(photos[:1, :, :112, :112]).sum().backward()
     assert model.get_classifier().weight.grad is not None
+    # A pretrained head (DeiT-III's 1000 classes) is part of the frozen backbone: only the denoiser trains, so
+    # DistributedDataParallel over the denoised features finds no unused trainable parameter.
+    deit = timm.create_model('dvt_deit3_base_patch16_224')
+    assert deit.num_classes == 1000 and [n for n, p in deit.named_parameters() if p.requires_grad] == \
+        [n for n, _ in deit.named_parameters() if n.startswith('denoiser.')]
 
 
 def test_input_checks(model, photos):

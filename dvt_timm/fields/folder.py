@@ -53,8 +53,8 @@ def visuals_dir(out_dir: Path) -> Path:
 
 # Settings added after outputs were first written, with the value those older outputs were made with.
 _SETTINGS_BEFORE_THEY_EXISTED = {'sparse_table_adam': False}
-# Metadata entries added later: an older output without one is not checked against it.
-_ENTRIES_ADDED_LATER = ('backbone_weights',)
+# Metadata entries not always recorded (older outputs, API callers): an output without one is not checked on it.
+_OPTIONAL_ENTRIES = ('backbone_weights',)
 
 
 def _comparable(key: str, value: Optional[str]) -> Optional[str]:
@@ -82,7 +82,7 @@ def _finished(path: Path, expected: Dict[str, str], image: Path) -> bool:
         _logger.warning('redoing %s: %s', path, e)
         return False
     differ = sorted(k for k, v in expected.items() if _comparable(k, meta.get(k)) != _comparable(k, v)
-                    and not (k in _ENTRIES_ADDED_LATER and k not in meta))
+                    and not (k in _OPTIONAL_ENTRIES and k not in meta))
     if differ:
         changes = '; '.join(_difference(k, meta.get(k), expected[k]) for k in differ)
         raise ValueError(f'{path} was made with other settings than this run ({changes}); use another output '
@@ -133,15 +133,15 @@ def denoise_folder(
         visuals: Optional[Callable[[Image.Image, Path, Decomposition], None]] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
-        backbone_weights: str = 'pretrained',
+        backbone_weights: Optional[str] = None,
 ) -> FolderSummary:
     """Run stage 1 on this rank's share of `images`, writing `out_dir/<stem>.safetensors` per image.
 
     `visuals(image, png_path, result)`, if given, writes a PNG per image to `visuals_dir(out_dir)`.
     `backbone_weights` says which weights `model_name` has: 'pretrained' (timm's), or 'sha256:<hex>' of the
-    checkpoint file loaded. Existing outputs count as done when they were made from the same image file with
-    the same model, weights, input size and settings (else the run stops before computing anything);
-    unreadable ones are redone.
+    checkpoint file loaded (`file_sha256`); None records nothing. Existing outputs count as done when they were
+    made from the same image file with the same model, weights (where both runs record them), input size and
+    settings (else the run stops before computing anything); unreadable ones are redone.
     """
     unique_stems(images)  # a stem names the image's output file; checked before anything is written
     out_dir = Path(out_dir)
@@ -151,9 +151,10 @@ def denoise_folder(
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
     mine = groups[rank::world_size]
     _remove_stale_temps(out_dir, [p for g in mine for p in g])
-    expected = {'model': model_name, 'backbone_weights': backbone_weights,
-                'input_size': f'{settings.image_size},{settings.image_size}',
+    expected = {'model': model_name, 'input_size': f'{settings.image_size},{settings.image_size}',
                 'settings': json.dumps(asdict(settings), sort_keys=True)}
+    if backbone_weights is not None:
+        expected['backbone_weights'] = backbone_weights
     finished = {p for g in mine for p in g
                 if output_path(out_dir, p).exists() and _finished(output_path(out_dir, p), expected, p)}
 

@@ -504,8 +504,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                     min_lr=cfg.min_lr, val_frac=cfg.val_frac, seed=cfg.seed, amp=cfg.amp)
     train_names = [it.path.name for it in train_items]
     val_names = [it.path.name for it in val_items]
-    _check_ranks_agree([train_names, val_names, train_ds.grids, val_ds.grids], env, 'stage-1 files')
     data_digest = _data_digest(scan.items)
+    _check_ranks_agree([train_names, val_names, train_ds.grids, val_ds.grids, data_digest], env, 'stage-1 files')
 
     # Model, optimiser, schedule: seeded identically on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
