@@ -158,6 +158,18 @@ def test_pairing_layouts(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):  # an image without a label is left out, and said to be
         assert len(find_label_pairs(tmp_path / 'pics', labels_dir=tmp_path / 'anns')) == 1
     assert '1 of 2 images have no label and are left out: unlabelled.jpg' in caplog.text
+    # Class subfolders mirrored in images/ and labels/: paired by path, never by the stem they share.
+    for cls in ('a', 'b'):
+        for side in ('images', 'labels'):
+            (tmp_path / 'nested' / side / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'nested' / side / cls / '0.png')
+    assert [(a.relative_to(tmp_path / 'nested').as_posix(), b.relative_to(tmp_path / 'nested').as_posix())
+            for a, b in find_label_pairs(tmp_path / 'nested')] == [('images/a/0.png', 'labels/a/0.png'),
+                                                                   ('images/b/0.png', 'labels/b/0.png')]
+    (tmp_path / 'nested' / 'labels' / 'b' / '0.png').rename(tmp_path / 'nested' / 'labels' / '0.png')
+    with caplog.at_level(logging.WARNING):  # a stem two images share does not pick a label for either by stem
+        assert len(find_label_pairs(tmp_path / 'nested')) == 1
+    assert '1 of 2 images have no label and are left out: b/0.png' in caplog.text
     empty = tmp_path / 'empty'
     empty.mkdir()
     assert find_label_pairs(empty) == []

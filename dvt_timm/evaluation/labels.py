@@ -6,6 +6,7 @@ is unlabelled; `LabeledFolder.class_values` maps the ids back to the values in t
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -132,20 +133,35 @@ def _by_stem(files: Sequence[Path]) -> Dict[str, Path]:
     return {p.stem: p for p in files}
 
 
-def _pair_by_stem(images: Sequence[Path], labels: Dict[str, Path], where: Path) -> List[Tuple[Path, Path]]:
-    """(image, label) for the images that have a label of their stem; the others are logged."""
-    unlabelled = [p.name for p in images if p.stem not in labels]
-    if unlabelled and len(unlabelled) < len(images):
+def _pair(images: Sequence[Path], image_root: Path, labels: Sequence[Path], label_root: Path,
+          where: Path) -> List[Tuple[Path, Path]]:
+    """(image, label) for the images that have a label: the one at the same path relative to its folder
+    (`images/a/0.png` with `labels/a/0.png`), else the one of the same stem where neither side has two of that
+    stem (a flat label folder for nested images). The others are logged."""
+    by_path = {p.relative_to(label_root).with_suffix('').as_posix(): p for p in labels}
+    label_stems, image_stems = Counter(p.stem for p in labels), Counter(p.stem for p in images)
+    by_stem = {p.stem: p for p in labels if label_stems[p.stem] == 1}
+    pairs, unlabelled = [], []
+    for img in images:
+        label = by_path.get(img.relative_to(image_root).with_suffix('').as_posix())
+        if label is None and image_stems[img.stem] == 1:
+            label = by_stem.get(img.stem)
+        if label is None:
+            unlabelled.append(img.relative_to(image_root).as_posix())
+        else:
+            pairs.append((img, label))
+    if unlabelled and pairs:
         _logger.warning('%s: %d of %d images have no label and are left out: %s', where, len(unlabelled),
                         len(images), ', '.join(unlabelled[:5]) + (', ...' if len(unlabelled) > 5 else ''))
-    return [(p, labels[p.stem]) for p in images if p.stem in labels]
+    return pairs
 
 
 def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> List[Tuple[Path, Path]]:
     """Pair images with labels in `root`. Recognised layouts (first match wins):
 
-    - `labels_dir` given: images in `root` (recursively) and labels in `labels_dir` with the same stem;
-    - sibling folders `root/images` + `root/labels` (or masks, annotations, ...) with the same stems;
+    - `labels_dir` given: images in `root` (recursively) and labels in `labels_dir` at the same relative path
+      (or of the same stem, where that is unambiguous; see `_pair`);
+    - sibling folders `root/images` + `root/labels` (or masks, annotations, ...), paired the same way;
     - one folder with `<id>_image.png` + `<id>_target.png` (also `_label`, `_mask`, `_gt` suffixes).
     Returns an empty list when nothing pairs.
     """
@@ -158,11 +174,12 @@ def find_label_pairs(root: PathLike, labels_dir: Optional[PathLike] = None) -> L
             raise FileNotFoundError(f'no label folder at {labels_dir}')
         labels_at = labels_dir.resolve()  # a label folder inside the data folder holds no images
         images = [p for p in list_images(root) if labels_at not in p.resolve().parents]
-        return _pair_by_stem(images, _by_stem(list_images(labels_dir)), root)
+        return _pair(images, root, list_images(labels_dir), labels_dir, root)
     for img_dir in _IMAGE_DIRS:
         for lab_dir in _LABEL_DIRS:
             if (root / img_dir).is_dir() and (root / lab_dir).is_dir():
-                pairs = _pair_by_stem(list_images(root / img_dir), _by_stem(list_images(root / lab_dir)), root)
+                pairs = _pair(list_images(root / img_dir), root / img_dir, list_images(root / lab_dir), root / lab_dir,
+                              root)
                 if pairs:
                     return pairs
     files = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
