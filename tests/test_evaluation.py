@@ -592,6 +592,30 @@ def test_evaluate_command_on_stage1_features_skips_an_unreadable_image(sample_im
     assert report['images'] == 2 and 'c.png' in caplog.text
 
 
+def test_stored_features_must_come_from_these_pictures_and_weights(vits_checkpoint, sample_images, tmp_path,
+                                                                    caplog):
+    """Stage-1 files record their image's SHA-256 and the backbone's weights: features of another picture of the
+    same name are left out, and a model of other weights would give the wrong zero-input reference."""
+    from dvt_timm.checkpoint import file_sha256
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / 'photos').mkdir()
+    weights = f'sha256:{file_sha256(vits_checkpoint)}'
+    for n, source in (('a', sample_images[0]), ('b', sample_images[1])):
+        (tmp_path / 'photos' / f'{n}.png').write_bytes(source.read_bytes())
+        _write_stage1(tmp_path / 's1', n, torch.randn(384, 8, 8, generator=g), torch.randn(384, 8, 8, generator=g),
+                      image_sha256=file_sha256(source), backbone_weights=weights)
+    (tmp_path / 'photos' / 'b.png').write_bytes(sample_images[2].read_bytes())  # another picture, same name
+    common = ['--features', str(tmp_path / 's1'), '--data', str(tmp_path / 'photos'), '--protocol', 'artifacts',
+              '--variants', 'raw', '--mic-images', '1', '--out', str(tmp_path / 'a.json')]
+    with caplog.at_level(logging.WARNING):
+        report = _evaluate(common + ['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint)])
+    assert report['images'] == 1 and re.search(r'b.safetensors: made from another picture .* than \S*b.png',
+                                                caplog.text)
+    for other in (['--no-pretrained'], []):  # random weights; timm's download (not the checkpoint stage 1 used)
+        with pytest.raises(ValueError, match=f'with weights {weights}, but --model loads .*--backbone-checkpoint'):
+            _evaluate(common + ['--model', VITS, *other])
+
+
 def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_path, capsys, caplog):
     g = torch.Generator().manual_seed(0)
     for n in ('a', 'b', 'c'):

@@ -150,3 +150,17 @@ def test_visualize_reads_image_lists_as_the_other_commands_do(tmp_path):
     (tmp_path / 'chosen.list').write_text('a.png\n# not this one\n')
     assert _collect_images([str(tmp_path / 'chosen.list'), str(tmp_path / 'b.gif')]) == [tmp_path / 'a.png',
                                                                                        tmp_path / 'b.gif']
+
+
+def test_visualize_never_reads_its_own_figure_back(vits_checkpoint, sample_images, tmp_path):
+    (tmp_path / 'photos').mkdir()
+    (tmp_path / 'photos' / 'a.png').write_bytes(sample_images[0].read_bytes())
+    out = tmp_path / 'photos' / 'fig.png'  # written into the folder it reads
+    args = [str(tmp_path / 'photos'), '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint',
+            str(vits_checkpoint), '--raw-only', '--size', '56', '--panel-size', '32', '--out', str(out)]
+    sizes = []
+    for _ in range(2):
+        _visualize(args)
+        with Image.open(out) as img:
+            sizes.append(img.size)
+    assert sizes[0] == sizes[1]  # one row both times

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import atomic_write, same_backbone
+from ..checkpoint import atomic_write, file_sha256, same_backbone
 from ..cli import positive_float, positive_int
 from ..data import image_size, list_images, load_image, unique_stems
 from ..model import DenoisedViT
@@ -76,6 +76,18 @@ def _device(requested: Optional[str]) -> torch.device:
 def _load_model(args: argparse.Namespace, denoiser_checkpoint: Optional[str], need_denoiser: bool) -> DenoisedViT:
     return load_model(args.model, args.backbone_checkpoint, denoiser_checkpoint, not args.no_pretrained,
                       need_denoiser=need_denoiser).to(_device(args.device))
+
+
+def _check_weights(fs: FeatureSet, args: argparse.Namespace) -> None:
+    """Stored features whose files record the backbone's weights must come from the weights --model loads."""
+    if fs.backbone_weights is None:
+        return
+    ours = (f'sha256:{file_sha256(args.backbone_checkpoint)}' if args.backbone_checkpoint else
+            None if args.no_pretrained else 'pretrained')
+    if ours != fs.backbone_weights:
+        raise ValueError(f'{args.features} holds features of {fs.model} with weights {fs.backbone_weights}, but '
+                         f'--model loads {ours or "random weights (--no-pretrained)"}; give the --backbone-checkpoint '
+                         'stage 1 used')
 
 
 def _area_share(text: str) -> float:
@@ -270,13 +282,12 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     # --- features (one backbone pass for every variant and protocol)
     t0 = time.perf_counter()
     if args.features is not None:
-        model = None
-        if args.model is not None:  # only for the zero-input reference of the artifact metrics
-            model = _load_model(args, None, need_denoiser=False)
-        fs = load_stage1(args.features, names=names)
+        fs = load_stage1(args.features, names=names, images=images)
         if args.limit and names is None:
             fs = fs.select(fs.names[:args.limit])
-        if model is not None:
+        if args.model is not None:  # only for the zero-input reference of the artifact metrics
+            _check_weights(fs, args)  # before a download of weights that would not fit
+            model = _load_model(args, None, need_denoiser=False)
             if not same_backbone(fs.model, model.backbone_name):
                 raise ValueError(f'{args.features} holds features of {fs.model}, but --model is {model.backbone_name}')
             fs.reference = zero_input_map(model, fs.input_size)
@@ -461,12 +472,12 @@ def run_visualize(args: argparse.Namespace) -> Path:
     _device(args.device)  # a bad --device fails before anything is created or read
     _prepare_out(out, '.png')
     check_checkpoints(args.backbone_checkpoint, args.denoiser_checkpoint)
-    paths = _collect_images(args.images)[:args.limit]
+    paths = [p for p in _collect_images(args.images) if p.resolve() != out.resolve()][:args.limit]  # not our PNG
     torch.manual_seed(args.seed)  # weights without a checkpoint initialise the same every run
     variants = ('raw',) if args.raw_only else VARIANTS
     names = unique_stems(paths)
     if args.features is not None:
-        fs = load_stage1(args.features, names=names)
+        fs = load_stage1(args.features, names=names, images=paths)
     else:
         model = _load_model(args, args.denoiser_checkpoint, need_denoiser=not args.raw_only)
         fs = extract_features(model, paths, _size(args.size), variants, names=names, batch_size=args.batch_size,

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, file_sha256
 from ..data import image_to_tensor, load_image
 from ..fields.outputs import Stage1Error, Stage1Item, read_stage1
 
@@ -43,6 +43,8 @@ class FeatureSet:
         input_size: (H, W) the backbone saw.
         model: the backbone (timm id) the features come from, when known.
         reference: optional (C, h, w) raw map of an all-mean (zero) image, for `zero_input_cosine`.
+        backbone_weights: what stored stage-1 files record of the backbone's weights ('pretrained' or
+            'sha256:<hex>' of its checkpoint), when they do.
     """
     names: List[str]
     maps: Dict[str, torch.Tensor]
@@ -50,6 +52,7 @@ class FeatureSet:
     image_sizes: List[Optional[Tuple[int, int]]] = field(default_factory=list)
     model: Optional[str] = None
     reference: Optional[torch.Tensor] = None
+    backbone_weights: Optional[str] = None
 
     def __post_init__(self) -> None:
         for variant, m in self.maps.items():
@@ -74,7 +77,7 @@ class FeatureSet:
             raise KeyError(f'no features for {missing[:5]}')
         idx = torch.tensor([index[n] for n in names], dtype=torch.long)
         return FeatureSet(list(names), {k: v[idx] for k, v in self.maps.items()}, self.input_size,
-                          [self.image_sizes[i] for i in idx.tolist()], self.model, self.reference)
+                          [self.image_sizes[i] for i in idx.tolist()], self.model, self.reference, self.backbone_weights)
 
 
 def mean_std(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -268,14 +271,16 @@ def extract_features(
 def load_stage1(
         folder: PathLike,
         names: Optional[Sequence[str]] = None,
+        images: Optional[Sequence[PathLike]] = None,
 ) -> FeatureSet:
     """Read stored stage-1 outputs (`<image stem>.safetensors` with `raw` and `denoised` (h, w, C) tensors
     and metadata format 'dvt-timm-stage1').
 
     With `names`, the files `<Path(name).name>.safetensors` are read in that order (missing or malformed
-    ones are logged and skipped); otherwise every file in the folder. The set is the files of the most
-    common backbone, width and input size (the first file's on a tie); a stray file of another kind is
-    logged and skipped, as `train-denoiser` does.
+    ones are logged and skipped); otherwise every file in the folder. With `images` (one per name), a file
+    made from another picture than its image (the SHA-256 it records) is logged and skipped. The set is the
+    files of the most common backbone, weights, width and input size (the first file's on a tie); a stray
+    file of another kind is logged and skipped, as `train-denoiser` does.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -285,15 +290,24 @@ def load_stage1(
         names = [p.stem for p in files]
     else:
         files = [folder / f'{Path(n).name}.safetensors' for n in names]
+    if images is not None and len(images) != len(names):
+        raise ValueError(f'{len(images)} images for {len(names)} names')
     read = []
-    for name, path in zip(names, files):
+    for i, (name, path) in enumerate(zip(names, files)):
         if not path.is_file():
             _logger.warning('skipping %s: no stage-1 file %s', name, path)
             continue
         try:
-            read.append((name, *read_stage1(path)))
+            raw, denoised, item = read_stage1(path)
         except Stage1Error as e:
             _logger.warning('skipping %s', e)
+            continue
+        recorded = item.metadata.get('image_sha256')
+        if images is not None and recorded and recorded != file_sha256(images[i]):
+            _logger.warning('skipping %s: made from another picture (%s) than %s', path, item.metadata.get('image'),
+                            images[i])
+            continue
+        read.append((name, raw, denoised, item))
     if not read:
         raise ValueError(f'{folder}: no readable stage-1 files' + (' for the given images' if names else ''))
     # Maps of one set are stacked and compared, so they must share backbone, width and grid.
@@ -310,10 +324,12 @@ def load_stage1(
         maps['raw'].append(raw.permute(2, 0, 1))
         maps['denoised'].append(denoised.permute(2, 0, 1))
     return FeatureSet(names=kept, maps={v: torch.stack(m) for v, m in maps.items()}, input_size=first.input_size,
-                      model=first.model)
+                      model=first.model, backbone_weights=first.metadata.get('backbone_weights'))
 
 
 def _stage1_kind(item: Stage1Item) -> str:
     """What stage-1 files must share to be evaluated together, in words."""
     (H, W), (h, w) = item.input_size, item.grid
-    return f'{item.model} ({item.embed_dim} channels, {H}x{W} input, {h}x{w} grid)'
+    weights = item.metadata.get('backbone_weights')
+    return (f'{item.model}{f" (weights {weights[:19]})" if weights else ""} ({item.embed_dim} channels, '
+            f'{H}x{W} input, {h}x{w} grid)')
