@@ -130,6 +130,15 @@ def test_field_settings_reject_values_that_would_train_nothing():
     for lr in (0.0, math.inf, math.nan):
         with pytest.raises(ValueError, match='lr must be a finite number above 0'):
             FieldSettings(lr=lr)
+    for bad, message in ((dict(final_lr_frac=-1), r'final_lr_frac must be in \[0, 1\], got -1'),
+                         (dict(warmup_frac=2), r'warmup_frac must be in \[0, 1\]'),
+                         (dict(crop_scale=(0.5, 0.1)), r'crop_scale must be \(min, max\) with 0 < min <= max <= 1'),
+                         (dict(crop_scale=(0.1, 3.0)), 'crop_scale must be'),
+                         (dict(iterations=2.5), 'iterations must be an integer, got 2.5'),
+                         (dict(image_size='28'), "image_size must be an integer, got '28'"),
+                         (dict(amp='no'), "amp must be True, False or None .* got 'no'")):
+        with pytest.raises(ValueError, match=message):
+            FieldSettings(**bad)
 
 
 def test_denoise_images_names_bad_arguments(plain_vits):
@@ -144,6 +153,21 @@ def test_denoise_images_names_bad_arguments(plain_vits):
         denoise_image(plain_vits, torch.full((3, 28, 28), float('nan')), settings='fast')
     with pytest.raises(TypeError, match='expected an image path, a PIL image or a normalised .* got ndarray'):
         denoise_image(plain_vits, torch.zeros(28, 28, 3).numpy(), settings='fast')
+    image = torch.zeros(3, 28, 28)
+    for kwargs, error, message in ((dict(settings={}), TypeError, 'settings must be a preset name .* got dict'),
+                                   (dict(settings=''), ValueError, "unknown settings preset ''"),
+                                   (dict(backend='torhc'), ValueError, "unknown backend 'torhc'"),
+                                   (dict(progress=True), TypeError, 'progress must be a callable'),
+                                   (dict(keys='a'), TypeError, "keys must be a list .* got the string 'a'")):
+        with pytest.raises(error, match=message):  # all before any feature extraction
+            denoise_image(plain_vits, image, **kwargs)
+
+
+def test_denoise_image_leaves_the_callers_model_in_its_mode():
+    model = timm.create_model('vit_small_patch14_dinov2', img_size=28, num_classes=0).train()
+    tiny = FieldSettings(image_size=28, n_views=1, iterations=2, samples_per_step=8)
+    out = denoise_image(model, torch.zeros(3, 28, 28), settings=tiny)
+    assert model.training and out.denoised.shape == (2, 2, 384)
     with pytest.raises(ValueError, match='ResNet is not a ViT with patch tokens'):
         denoise_image(timm.create_model('resnet18'), torch.zeros(3, 28, 28), settings='fast')
 

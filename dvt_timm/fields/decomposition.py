@@ -52,14 +52,27 @@ class FieldSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.full_view_share <= 1:
-            raise ValueError(f'full_view_share must be in [0, 1], got {self.full_view_share}')
-        for name in ('n_views', 'iterations', 'samples_per_step', 'image_size'):
+        for name in ('n_views', 'iterations', 'samples_per_step', 'image_size', 'seed'):
             value = getattr(self, name)
-            if value is not None and value < 1:  # 0 steps or samples would write untrained fields as done
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f'{name} must be an integer, got {value!r}')
+            if value is not None and value < 1 and name != 'seed':  # 0 steps or samples: untrained fields as done
                 raise ValueError(f'{name} must be at least 1, got {value}')
         if not 0 < self.lr < math.inf:
             raise ValueError(f'lr must be a finite number above 0, got {self.lr}')
+        for name, low, high in (('full_view_share', 0, 1), ('warmup_frac', 0, 1), ('final_lr_frac', 0, 1),
+                                ('residual_weight', 0, math.inf), ('sparsity_weight', 0, math.inf),
+                                ('weight_decay', 0, math.inf)):
+            if not low <= getattr(self, name) <= high:  # a negative final lr would ascend the loss, say
+                raise ValueError(f'{name} must be in [{low}, {high}], got {getattr(self, name)}')
+        for name, low, high in (('crop_scale', 0, 1), ('crop_ratio', 0, math.inf)):
+            a, b = getattr(self, name)
+            if not low < a <= b <= high:
+                raise ValueError(f'{name} must be (min, max) with {low} < min <= max <= {high}, got {(a, b)}')
+        if self.amp not in (None, True, False):
+            raise ValueError(f'amp must be True, False or None (on for CUDA), got {self.amp!r}')
+        if not isinstance(self.hash, HashGridConfig):
+            raise ValueError(f'hash must be a HashGridConfig, got {type(self.hash).__name__}')
 
     def with_overrides(self, **overrides) -> 'FieldSettings':
         """A copy with the given (non-None) settings changed."""

@@ -237,6 +237,8 @@ def _triton_interpret() -> bool:
 def check_backend(name: str, device: torch.device) -> None:
     """Raise, naming what is missing, when backend `name` cannot run on `device` ('auto' and 'torch' always can),
     so that a run can fail before its first minutes of feature extraction rather than after them."""
+    if name not in ('auto', 'torch', 'triton', 'tcnn'):
+        raise ValueError(f"unknown backend {name!r}; use 'auto', 'torch', 'triton' or 'tcnn'")
     if name == 'triton':
         if not has_triton():
             raise RuntimeError("backend 'triton' requested but triton is not installed")

@@ -9,6 +9,7 @@ from torch import nn
 from ..data import image_to_tensor, load_image
 from ..model import DenoisedViT, default_input_size
 from .decomposition import PRESETS, Decomposition, FieldSettings, decompose, image_seed
+from .encoding import check_backend
 from .views import render_views, sample_views, view_coords
 
 __all__ = ['denoise_image', 'denoise_images', 'extract_view_features', 'image_view_features', 'resolve_settings']
@@ -24,10 +25,15 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 def resolve_settings(settings: Union[None, str, FieldSettings], patch_size: int) -> FieldSettings:
     """A preset name or settings object, with the image size filled in for this patch size."""
-    if not isinstance(settings, FieldSettings):
-        if (settings or 'paper') not in PRESETS:
+    if settings is None:
+        settings = PRESETS['paper']
+    elif isinstance(settings, str):
+        if settings not in PRESETS:
             raise ValueError(f'unknown settings preset {settings!r}; use one of {sorted(PRESETS)} or a FieldSettings')
-        settings = PRESETS[settings or 'paper']
+        settings = PRESETS[settings]
+    elif not isinstance(settings, FieldSettings):
+        raise TypeError(f'settings must be a preset name ({", ".join(sorted(PRESETS))}) or a FieldSettings, got '
+                        f'{type(settings).__name__}; for a few changes use PRESETS[name].with_overrides(...)')
     if settings.image_size is None:
         settings = settings.with_overrides(image_size=default_input_size(patch_size))
     if settings.image_size % patch_size:
@@ -125,16 +131,20 @@ def denoise_images(
         settings: a preset name ('paper', 'fast') or `FieldSettings`; default 'paper'.
         keys: a stable key per image (e.g. file stem) that, with the seed, fixes its randomness;
             default: the position in `images`.
-        device: where to run; default the model's device.
+        device: where to run (the backbone is moved there, and stays); default the model's device.
         backend: hash-grid backend.
         extract_batch: views per backbone forward.
         progress: optional callable(stage: str, value) for progress reporting.
     Returns:
         One `Decomposition` per image (raw, denoised = F, artifact = G, residual = Δ; each (K, K, C)).
     """
-    backbone = _backbone(model).eval()
+    backbone = _backbone(model)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    backbone.to(device)
+    check_backend(backend, device)  # before the minutes of feature extraction, not after them
+    if progress is not None and not callable(progress):
+        raise TypeError(f'progress must be a callable(stage, value), got {type(progress).__name__}')
+    if isinstance(keys, str):
+        raise TypeError(f'keys must be a list of one key per image, got the string {keys!r}')
     patch = backbone.patch_embed.patch_size[0]
     settings = resolve_settings(settings, patch)
     amp = device.type == 'cuda' if settings.amp is None else settings.amp
@@ -151,13 +161,18 @@ def denoise_images(
 
     seeds = [image_seed(settings.seed, k) for k in keys]
     features, coords = [], []
-    for image, seed in zip(images, seeds):
-        feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed, amp,
-                                        extract_batch)
-        features.append(feats)  # bf16 on the GPU with amp: 769 views of ViT-B are 1.6 GB per image even so
-        coords.append(xy)
-        if progress is not None:
-            progress('extract', 1)
+    was_training = backbone.training
+    backbone.eval().to(device)
+    try:
+        for image, seed in zip(images, seeds):
+            feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed, amp,
+                                            extract_batch)
+            features.append(feats)  # bf16 on the GPU with amp: 769 views of ViT-B are 1.6 GB per image even so
+            coords.append(xy)
+            if progress is not None:
+                progress('extract', 1)
+    finally:
+        backbone.train(was_training)  # the caller's model keeps its mode
     batch = torch.stack(features)
     features.clear()  # not a second copy of every image's features during the optimisation
     result = decompose(batch, torch.stack(coords).to(device), seeds, settings, backend,
