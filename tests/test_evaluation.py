@@ -580,6 +580,17 @@ def test_evaluate_command_rejects_a_bad_split_before_the_backbone_pass(vits_chec
     assert not out.exists()
 
 
+def test_a_protocol_that_cannot_score_keeps_the_others_results(vits_checkpoint, tmp_path):
+    """At 14 px (one patch) kNN scores but the artifact metrics cannot: kNN's results are still written."""
+    out = tmp_path / 'tiny.json'
+    with pytest.raises(ValueError, match=f'artifacts could not be scored .*; the other results are in {out}'):
+        _evaluate(['--model', VITS, '--backbone-checkpoint', str(vits_checkpoint), '--data',
+                   str(shared_path('data', 'voc_val_samples')), '--limit', '4', '--size', '14', '--variants', 'raw',
+                   '--protocol', 'knn', 'artifacts', '--out', str(out)])
+    saved = json.loads(out.read_text())
+    assert 'miou' in saved['results']['knn-centroid']['raw'] and 'artifacts' in saved['failed']
+
+
 def test_evaluate_command_on_stage1_features_skips_an_unreadable_image(sample_images, tmp_path, caplog):
     g = torch.Generator().manual_seed(0)
     (tmp_path / 'photos').mkdir()

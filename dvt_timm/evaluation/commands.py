@@ -318,28 +318,33 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     # --- protocols
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
     timing: Dict[str, float] = {'features_s': t_features}
+    failed: Dict[str, str] = {}  # protocol -> why; the others' results are still written
     for protocol in protocols:
         t0 = time.perf_counter()
-        if protocol == 'artifacts':
-            results['artifacts'] = {v: artifact_metrics(
-                fs.maps[v], fs.reference, norm_k=args.norm_k, mic_images=args.mic_images,
-                mic_channels=args.mic_channels, progress=True) for v in variants}
-            if fs.reference is None:
-                _logger.warning('no zero-input reference (stored features without --model): |cos| not computed')
-        elif protocol == 'knn':
-            for mode in args.knn_mode:
-                results[f'knn-{mode}'] = {v: knn_segmentation(
-                    fs.maps[v], labels, labeled.num_classes, k=args.k, temperature=args.temperature, mode=mode,
-                    holdout=args.knn_holdout, seed=args.seed, class_names=class_names, progress=True,
-                    per_image=bool(args.bootstrap))
-                    for v in variants}
-        elif protocol == 'linear':
-            results['linear'] = {v: linear_probe(
-                fs.maps[v], labels, labeled.num_classes, holdout=args.probe_holdout, seed=args.seed,
-                folds=args.probe_folds, steps=args.probe_steps, lr=args.lr, class_names=class_names, progress=True,
-                per_image=bool(args.bootstrap)) for v in variants}
-        elif protocol == 'lost':
-            results['lost'] = _run_lost(args, fs, labeled, labels, box_table, box_values)
+        try:
+            if protocol == 'artifacts':
+                results['artifacts'] = {v: artifact_metrics(
+                    fs.maps[v], fs.reference, norm_k=args.norm_k, mic_images=args.mic_images,
+                    mic_channels=args.mic_channels, progress=True) for v in variants}
+                if fs.reference is None:
+                    _logger.warning('no zero-input reference (stored features without --model): |cos| not computed')
+            elif protocol == 'knn':
+                for mode in args.knn_mode:
+                    results[f'knn-{mode}'] = {v: knn_segmentation(
+                        fs.maps[v], labels, labeled.num_classes, k=args.k, temperature=args.temperature, mode=mode,
+                        holdout=args.knn_holdout, seed=args.seed, class_names=class_names, progress=True,
+                        per_image=bool(args.bootstrap))
+                        for v in variants}
+            elif protocol == 'linear':
+                results['linear'] = {v: linear_probe(
+                    fs.maps[v], labels, labeled.num_classes, holdout=args.probe_holdout, seed=args.seed,
+                    folds=args.probe_folds, steps=args.probe_steps, lr=args.lr, class_names=class_names,
+                    progress=True, per_image=bool(args.bootstrap)) for v in variants}
+            elif protocol == 'lost':
+                results['lost'] = _run_lost(args, fs, labeled, labels, box_table, box_values)
+        except ValueError as e:  # e.g. fewer images than it needs, once unreadable ones were left out
+            failed[protocol] = str(e)
+            _logger.error('%s could not be scored: %s', protocol, e)
         timing[f'{protocol}_s'] = time.perf_counter() - t0
     for per_variant in results.values():  # kept only for the bootstrap, not written out
         matrices = {v: r.pop('image_matrices') for v, r in per_variant.items() if 'image_matrices' in r}
@@ -355,7 +360,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         'model': fs.model, 'input_size': list(fs.input_size), 'grid': list(fs.grid), 'images': len(fs.names),
         'classes': (dict(zip(class_names, labeled.class_values)) if labeled is not None else None),
         'skipped_labels': labeled.skipped if labeled is not None else {},
-        'timing': timing, 'results': results,
+        'timing': timing, 'results': results, 'failed': failed,
     }
     print(f'{len(fs.names)} images, {fs.grid[0]}x{fs.grid[1]} patches at {fs.input_size[0]}x{fs.input_size[1]}'
           + (f', {labeled.num_classes} classes' if labeled is not None else '')
@@ -367,6 +372,9 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     text = json.dumps(_finite_or_null(report), indent=2, default=_json_default, allow_nan=False)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(f'wrote {args.out}')
+    if failed:
+        raise ValueError(f'{", ".join(failed)} could not be scored ({"; ".join(failed.values())}); the other results '
+                         f'are in {args.out}')
     return report
 
 
