@@ -336,7 +336,8 @@ class DenoisedViT(
         if trainable:
             _logger.warning('save_pretrained writes the denoiser only: backbone parameters are trainable here (%s%s), '
                             'and what they have learned is not saved; save model.backbone.state_dict() yourself and '
-                            'load it with backbone_checkpoint=', ', '.join(trainable[:3]), ', ...' * (len(trainable) > 3))
+                            'load it with backbone_checkpoint=', ', '.join(trainable[:3]),
+                            ', ...' * (len(trainable) > 3))
         save_directory = Path(save_directory)
         write_denoiser_checkpoint(save_directory, self.denoiser.state_dict(), self.denoiser_config())
         card_path = save_directory / CARD_NAME

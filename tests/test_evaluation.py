@@ -69,6 +69,9 @@ def test_read_label_formats(tmp_path):
     bad_colour = _write(tmp_path / 'bad.png', np.full((2, 2, 3), 17, dtype=np.uint8))
     with pytest.raises(ValueError, match=r'bad\.png.*not in the VOC palette'):
         read_label(bad_colour, 'voc')
+    coco_like = _write(tmp_path / 'coco.png', np.array([[0, 1], [22, 199]], dtype=np.uint8))
+    with pytest.raises(ValueError, match=r'coco\.png: values \[22, 199\] are not VOC classes .*--labels-format index'):
+        read_label(coco_like, 'voc')
     with pytest.raises(ValueError, match='single-channel'):
         read_label(rgb, 'index')
     with pytest.raises(ValueError, match='unknown label format'):
@@ -498,7 +501,9 @@ def _evaluate(argv):
     ('--lost-expand', '0', 'must be at least 1'), ('--norm-k', '0', 'must be a number above 0'),
     ('--batch-size', '0', 'must be at least 1'), ('--size', '0', 'must be at least 1'),
     ('--min-box-area', '1.5', r'must be a share of the image in \[0, 1\], got 1.5'),
-    ('--temperature', 'nan', 'must be a number above 0, got nan'), ('--bootstrap', '0', 'must be at least 1'),
+    ('--temperature', 'nan', 'must be a number above 0, got nan'),
+    ('--bootstrap', '1', 'must be at least 100 for a 95% interval'),
+    ('--seed', '99999999999999999999', r'must be in \[0, 2\*\*63 - 1\]'), ('--seed', '-1', 'must be in'),
 ])
 def test_evaluate_command_refuses_bad_option_values(flag, value, message, capsys):
     with pytest.raises(SystemExit):
@@ -574,6 +579,14 @@ def test_evaluate_command_rejects_a_bad_split_before_the_backbone_pass(vits_chec
     for folds in ('1', '4'):  # fewer than 2, more than the 3 images
         with pytest.raises(ValueError, match=r'folds must be in \[2, 3\] for 3 images'):
             _evaluate(common + ['--protocol', 'linear', '--probe-folds', folds])
+    # Boxes keyed by names that match no image, and box classes no label holds, are named before it too.
+    (tmp_path / 'boxes.json').write_text(json.dumps({'0': [[0, 0, 5, 5]]}))
+    with pytest.raises(ValueError, match=r"no boxes for any of the 3 images \(keys are image stems, such as "
+                                         r"'0_image'; the file has \['0'\]\)"):
+        _evaluate(common + ['--protocol', 'lost', '--boxes', str(tmp_path / 'boxes.json')])
+    for classes, message in (('5-1', 'the range 5-1 is empty'), ('300', 'none of these values occurs')):
+        with pytest.raises(ValueError, match=message):
+            _evaluate(common + ['--protocol', 'lost', '--boxes-from-masks', '--box-classes', classes])
     for protocol, flag in (('linear', '--probe-holdout'), ('knn', '--knn-holdout')):
         with pytest.raises(ValueError, match=r'holdout must be a fraction in \(0, 1\), got 1.5'):
             _evaluate(common + ['--protocol', protocol, flag, '1.5'])

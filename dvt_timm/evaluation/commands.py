@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..checkpoint import atomic_write, file_sha256, same_backbone
-from ..cli import positive_float, positive_int
+from ..cli import output_folder, positive_float, positive_int
 from ..data import image_size, list_images, load_image, unique_stems
 from ..model import DenoisedViT
 from ..registry import check_checkpoints, load_model
@@ -58,7 +58,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--size', type=positive_int, nargs='+', default=[448], metavar='PX',
                    help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14)')
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per backbone pass (default 1)')
-    p.add_argument('--cache', metavar='DIR', help='on-disk feature cache, keyed by the weights and the input size')
+    p.add_argument('--cache', metavar='DIR', type=output_folder,
+                   help='on-disk feature cache, keyed by the weights and the input size')
     p.add_argument('--limit', type=positive_int, help='use only the first N images')
     p.add_argument('--device', help='where the backbone runs (default: cuda when available, else cpu)')
 
@@ -88,6 +89,22 @@ def _check_weights(fs: FeatureSet, args: argparse.Namespace) -> None:
         raise ValueError(f'{args.features} holds features of {fs.model} with weights {fs.backbone_weights}, but '
                          f'--model loads {ours or "random weights (--no-pretrained)"}; give the --backbone-checkpoint '
                          'stage 1 used')
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed torch takes (0 to 2**63 - 1)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f'must be in [0, 2**63 - 1], got {value}')
+    return value
+
+
+def resamples(text: str) -> int:
+    """argparse type: bootstrap resamples, enough for the 2.5% tails of a 95% interval."""
+    value = int(text)
+    if value < 100:
+        raise argparse.ArgumentTypeError(f'must be at least 100 for a 95% interval (e.g. 1000), got {value}')
+    return value
 
 
 def _area_share(text: str) -> float:
@@ -139,9 +156,9 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument('--protocol', nargs='+', choices=PROTOCOLS, required=True, help='what to measure, one or more')
     p.add_argument('--variants', nargs='+', default=['raw,denoised'], help='raw, denoised or both (default)')
     p.add_argument('--out', default='evaluation.json', help='JSON results file (default evaluation.json)')
-    p.add_argument('--seed', type=int, default=0,
+    p.add_argument('--seed', type=seed, default=0,
                    help='seed of splits, probe initialisation, batch order and weights without a checkpoint')
-    p.add_argument('--bootstrap', type=positive_int, metavar='RESAMPLES',
+    p.add_argument('--bootstrap', type=resamples, metavar='RESAMPLES',
                    help='kNN and linear probe: 95%% intervals of mIoU and of its change from raw, resampling the '
                         'scored images this many times (e.g. 1000); paired, so the change is what the same '
                         'images would give')
@@ -191,9 +208,11 @@ def _parse_values(spec: str) -> List[int]:
     try:
         for part in spec.split(','):
             lo, _, hi = part.strip().partition('-')
+            if hi and int(hi) < int(lo):
+                raise ValueError(f'the range {part.strip()} is empty')
             values.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
     except ValueError as e:
-        raise ValueError(f'--box-classes expects values and ranges like 1-90,92, got {spec!r}') from e
+        raise ValueError(f'--box-classes expects values and ranges like 1-90,92, got {spec!r} ({e})') from e
     return values
 
 
@@ -273,6 +292,15 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             if not images:
                 raise ValueError(f'{args.data}: no images found')
             names = [image_key(p, Path(args.data)) for p in images]
+    # Boxes that match no image, box classes that match no label value: named before the backbone pass.
+    if box_table is not None and names is not None and not any(n in box_table or Path(n).name in box_table
+                                                                for n in names):
+        raise ValueError(f'{args.boxes}: no boxes for any of the {len(names)} images (keys are image stems, such '
+                         f'as {Path(names[0]).name!r}; the file has {sorted(box_table)[:3]})')
+    if box_values and args.boxes_from_masks and labeled is not None and \
+            not box_class_ids(labeled.class_values, box_values):
+        raise ValueError(f'--box-classes {args.box_classes}: none of these values occurs in the labels (they hold '
+                         f'{labeled.class_values})')
     # A bad split (hold-out fraction, fold count) fails before the backbone pass, not after it.
     if 'knn' in protocols:
         query_split(len(images), args.knn_holdout, args.seed)
@@ -442,7 +470,7 @@ def add_visualize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument('--patch', default='0.5,0.5', help='reference patch for the cosine panels as fractional '
                                                       'ROW,COL in [0, 1] (default the centre)')
     p.add_argument('--panel-size', type=positive_int, default=192, help='panel width in pixels (default 192)')
-    p.add_argument('--seed', type=int, default=0, help='seed of K-means and of weights without a checkpoint')
+    p.add_argument('--seed', type=seed, default=0, help='seed of K-means and of weights without a checkpoint')
     p.set_defaults(func=run_visualize)
     return p
 

@@ -77,7 +77,8 @@ class FeatureSet:
             raise KeyError(f'no features for {missing[:5]}')
         idx = torch.tensor([index[n] for n in names], dtype=torch.long)
         return FeatureSet(list(names), {k: v[idx] for k, v in self.maps.items()}, self.input_size,
-                          [self.image_sizes[i] for i in idx.tolist()], self.model, self.reference, self.backbone_weights)
+                          [self.image_sizes[i] for i in idx.tolist()], self.model, self.reference,
+                          self.backbone_weights)
 
 
 def mean_std(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -94,6 +94,10 @@ def read_label(path: PathLike, fmt: str, ignore_index: Optional[int] = None) -> 
                 raise ValueError(f'{path}: colours {unknown[:5]} are not in the VOC palette')
             arr = np.array([_VOC_CODE_TO_INDEX[int(u)] for u in uniq], dtype=np.int64)[inverse.reshape(codes.shape)]
         out = arr.astype(np.int64)
+        foreign = np.unique(out[(out > 20) & (out != 255) & (out != ignore_index)])
+        if len(foreign):
+            raise ValueError(f'{path}: values {foreign[:5].tolist()} are not VOC classes (0-20, 255 the void); for '
+                             'a label of class indices use --labels-format index')
     elif arr.ndim != 2:
         raise ValueError(f'{path}: a {fmt} label must be a single-channel image, got mode {mode} {arr.shape}')
     else:
