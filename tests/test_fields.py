@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,9 @@ def test_denoise_image_leaves_the_callers_model_in_its_mode():
     tiny = FieldSettings(image_size=28, n_views=1, iterations=2, samples_per_step=8)
     out = denoise_image(model, torch.zeros(3, 28, 28), settings=tiny)
     assert model.training and out.denoised.shape == (2, 2, 384)
+    with pytest.raises(ValueError, match=r'takes only 28x28 images, but stage 1 feeds it 56x56 views; .*'
+                                         'dynamic_img_size=True'):  # named, not timm's AssertionError
+        denoise_image(model, torch.zeros(3, 28, 28), settings=replace(tiny, image_size=56))
     with pytest.raises(ValueError, match='ResNet is not a ViT with patch tokens'):
         denoise_image(timm.create_model('resnet18'), torch.zeros(3, 28, 28), settings='fast')
 

@@ -164,3 +164,18 @@ def test_visualize_never_reads_its_own_figure_back(vits_checkpoint, sample_image
         with Image.open(out) as img:
             sizes.append(img.size)
     assert sizes[0] == sizes[1]  # one row both times
+
+
+def test_visualize_stored_features_skip_an_unreadable_image(sample_images, tmp_path, caplog):
+    from dvt_timm.fields.outputs import write_stage1
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / 'photos').mkdir()
+    for n, source in (('a', sample_images[0]), ('b', None)):
+        maps = torch.randn(2, 8, 8, 384, generator=g)
+        write_stage1(tmp_path / 's1' / f'{n}.safetensors', maps[0], maps[1],
+                     {'model': 'vit_small_patch14_dinov2.lvd142m', 'input_size': '112,112', 'patch_size': '14'})
+        (tmp_path / 'photos' / f'{n}.png').write_bytes(source.read_bytes() if source else b'not an image')
+    with caplog.at_level('WARNING'):
+        _visualize([str(tmp_path / 'photos'), '--features', str(tmp_path / 's1'), '--panel-size', '32',
+                    '--out', str(tmp_path / 'fig.png')])
+    assert 'b.png' in caplog.text and (tmp_path / 'fig.png').is_file()

@@ -518,8 +518,16 @@ def run_visualize(args: argparse.Namespace) -> Path:
         model = _load_model(args, args.denoiser_checkpoint, need_denoiser=not args.raw_only)
         fs = extract_features(model, paths, _size(args.size), variants, names=names, batch_size=args.batch_size,
                               cache_dir=args.cache, progress=True)
-    by_name = dict(zip(names, paths))
-    images = [load_image(by_name[n]) for n in fs.names]
+    by_name, images = dict(zip(names, paths)), {}
+    for n in fs.names:
+        try:
+            images[n] = load_image(by_name[n])
+        except ValueError as e:  # as evaluate does: its row is left out, not the figure
+            _logger.warning('skipping %s', e)
+    if not images:
+        raise ValueError('none of the images could be read')
+    fs = fs.select(list(images))
+    images = list(images.values())
     fig = feature_figure(images, fs.maps['raw'], None if args.raw_only else fs.maps.get('denoised'),
                          clusters=args.clusters, patch=patch, panel_size=args.panel_size, seed=args.seed,
                          names=fs.names)

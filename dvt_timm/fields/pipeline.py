@@ -147,6 +147,10 @@ def denoise_images(
         raise TypeError(f'keys must be a list of one key per image, got the string {keys!r}')
     patch = backbone.patch_embed.patch_size[0]
     settings = resolve_settings(settings, patch)
+    fixed = tuple(backbone.patch_embed.img_size)
+    if not getattr(backbone, 'dynamic_img_size', False) and fixed != (settings.image_size,) * 2:
+        raise ValueError(f'this backbone takes only {fixed[0]}x{fixed[1]} images, but stage 1 feeds it '
+                         f'{settings.image_size}x{settings.image_size} views; create it with dynamic_img_size=True')
     amp = device.type == 'cuda' if settings.amp is None else settings.amp
     size = settings.image_size
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(backbone, 'pretrained_cfg', {})
