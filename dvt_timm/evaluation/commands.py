@@ -91,7 +91,7 @@ def _check_weights(fs: FeatureSet, args: argparse.Namespace) -> None:
                          'stage 1 used')
 
 
-def seed(text: str) -> int:
+def torch_seed(text: str) -> int:
     """argparse type: a seed torch takes (0 to 2**63 - 1)."""
     value = int(text)
     if not 0 <= value < 2 ** 63:
@@ -99,7 +99,7 @@ def seed(text: str) -> int:
     return value
 
 
-def resamples(text: str) -> int:
+def bootstrap_resamples(text: str) -> int:
     """argparse type: bootstrap resamples, enough for the 2.5% tails of a 95% interval."""
     value = int(text)
     if value < 100:
@@ -156,9 +156,9 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument('--protocol', nargs='+', choices=PROTOCOLS, required=True, help='what to measure, one or more')
     p.add_argument('--variants', nargs='+', default=['raw,denoised'], help='raw, denoised or both (default)')
     p.add_argument('--out', default='evaluation.json', help='JSON results file (default evaluation.json)')
-    p.add_argument('--seed', type=seed, default=0,
+    p.add_argument('--seed', type=torch_seed, default=0,
                    help='seed of splits, probe initialisation, batch order and weights without a checkpoint')
-    p.add_argument('--bootstrap', type=resamples, metavar='RESAMPLES',
+    p.add_argument('--bootstrap', type=bootstrap_resamples, metavar='RESAMPLES',
                    help='kNN and linear probe: 95%% intervals of mIoU and of its change from raw, resampling the '
                         'scored images this many times (e.g. 1000); paired, so the change is what the same '
                         'images would give')
@@ -470,7 +470,7 @@ def add_visualize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument('--patch', default='0.5,0.5', help='reference patch for the cosine panels as fractional '
                                                       'ROW,COL in [0, 1] (default the centre)')
     p.add_argument('--panel-size', type=positive_int, default=192, help='panel width in pixels (default 192)')
-    p.add_argument('--seed', type=seed, default=0, help='seed of K-means and of weights without a checkpoint')
+    p.add_argument('--seed', type=torch_seed, default=0, help='seed of K-means and of weights without a checkpoint')
     p.set_defaults(func=run_visualize)
     return p
 
