@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
-    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'file_sha256', 'atomic_write',
+    'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'file_sha256',
+    'backbone_weights_id', 'atomic_write',
 ]
 
 FORMAT_VERSION = 1
@@ -95,6 +96,14 @@ def file_sha256(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def backbone_weights_id(checkpoint: Optional[PathLike], pretrained: bool = True) -> Optional[str]:
+    """What stage-1 outputs record of a backbone's weights: 'sha256:<hex>' of its checkpoint file, 'pretrained'
+    for timm's weights, or None for random ones."""
+    if checkpoint is not None:
+        return f'sha256:{file_sha256(checkpoint)}'
+    return 'pretrained' if pretrained else None
 
 
 def same_backbone(a: str, b: str) -> bool:

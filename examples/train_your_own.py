@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from dvt_timm import DenoisedViT
-from dvt_timm.checkpoint import file_sha256
+from dvt_timm.checkpoint import backbone_weights_id
 from dvt_timm.data import image_to_tensor, list_images, load_image
 from dvt_timm.fields import PRESETS
 from dvt_timm.fields.folder import denoise_folder
@@ -66,9 +66,8 @@ def main() -> None:
     # Stage 1: per-image neural-field denoising, one <stem>.safetensors of (raw, F) per image.
     settings = resolve_settings(PRESETS[args.preset].with_overrides(
         n_views=args.views, iterations=args.iterations, image_size=args.image_size), model.patch_size)
-    weights = f'sha256:{file_sha256(checkpoint)}' if checkpoint else 'pretrained'  # resumes check it
     summary = denoise_folder(model, list_images(args.images), out / 'stage1', settings, model.backbone_name,
-                             backbone_weights=weights)
+                             backbone_weights=backbone_weights_id(checkpoint))  # resumes check it
     print(f'stage 1: {summary}')
 
     # Stage 2: the generalizable denoiser, trained on the (raw, F) pairs.

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import atomic_write, file_sha256, same_backbone
+from ..checkpoint import atomic_write, backbone_weights_id, same_backbone
 from ..cli import output_folder, positive_float, positive_int
 from ..data import image_size, list_images, load_image, unique_stems
 from ..model import DenoisedViT
@@ -83,8 +83,7 @@ def _check_weights(fs: FeatureSet, args: argparse.Namespace) -> None:
     """Stored features whose files record the backbone's weights must come from the weights --model loads."""
     if fs.backbone_weights is None:
         return
-    ours = (f'sha256:{file_sha256(args.backbone_checkpoint)}' if args.backbone_checkpoint else
-            None if args.no_pretrained else 'pretrained')
+    ours = backbone_weights_id(args.backbone_checkpoint, pretrained=not args.no_pretrained)
     if ours != fs.backbone_weights:
         raise ValueError(f'{args.features} holds features of {fs.model} with weights {fs.backbone_weights}, but '
                          f'--model loads {ours or "random weights (--no-pretrained)"}; give the --backbone-checkpoint '

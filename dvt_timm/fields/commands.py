@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import file_sha256
+from ..checkpoint import backbone_weights_id
 from ..cli import output_folder, positive_float, positive_int
 from ..data import list_images
 from .decomposition import PRESETS
@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> None:
         _logger.warning('the paper preset (%d views, %d steps) is meant for a GPU; on a CPU use --preset fast',
                         settings.n_views, settings.iterations)
     # outputs record which weights made them, so that a re-run with others does not mix its results in
-    weights = f'sha256:{file_sha256(args.backbone_checkpoint)}' if args.backbone_checkpoint else 'pretrained'
+    weights = backbone_weights_id(args.backbone_checkpoint)
     visuals = None
     if args.save_visuals:
         from .visuals import save_stage1_visuals

@@ -570,8 +570,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                          model=module.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rngs, settings=settings,
                          train_files=train_names, val_files=val_names, data_digest=data_digest, val_loss=last_val,
-                         best=best,
-                         best_weights=best_weights, denoiser_config=denoiser_config.to_dict())
+                         best=best, best_weights=best_weights, denoiser_config=denoiser_config.to_dict())
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
             log(event='checkpoint', step=step)
 
