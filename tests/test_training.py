@@ -403,7 +403,11 @@ def test_a_stage1_file_that_goes_bad_is_skipped_with_a_warning(tmp_path, caplog)
         summary = train(_config(tmp_path / 'data', tmp_path / 'run', **run))
     assert re.search(r'skipping stage-1 file \S*img003.safetensors: holds NaN or Inf', caplog.text)
     assert summary['steps'] == 8 and math.isfinite(summary['val_loss'])
-    assert all(math.isfinite(r['loss']) for r in _log(tmp_path / 'run') if r['event'] == 'train')
+    log = _log(tmp_path / 'run')
+    assert all(math.isfinite(r['loss']) for r in log if r['event'] == 'train')
+    # The end of the run counts it with the files skipped when scanned.
+    assert [Path(f).name for f, _ in summary['skipped']] == ['img003.safetensors']
+    assert log[-1]['event'] == 'done' and log[-1]['skipped_when_read'] == ['img003.safetensors']
 
 
 def test_the_log_is_strict_json_even_for_a_nan_loss(tmp_path):

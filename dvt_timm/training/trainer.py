@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import timm
 import torch
@@ -241,13 +241,25 @@ class _Identity(nn.Module):
         return x
 
 
+def _noting_skips(loader: DataLoader, skipped: Set[Path]) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """The batches of `loader`, adding to `skipped` the files its dataset skipped when reading them."""
+    items = loader.dataset.items
+    # A _BatchList yields the same index lists as the loader's iterator, in the same order.
+    for ids, (raw, clean, usable) in zip(loader.batch_sampler, loader):
+        if not usable.all():  # a CPU tensor: no device sync
+            skipped.update(items[i].path for i, ok in zip(ids, usable.tolist()) if not ok)
+        yield raw, clean, usable
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp: bool) -> Optional[float]:
-    """Mean per-sample distance over the held-out files, summed over every rank's share."""
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp: bool,
+             skipped: Optional[Set[Path]] = None) -> Optional[float]:
+    """Mean per-sample distance over the held-out files, summed over every rank's share. The files skipped
+    when read are added to `skipped`."""
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     was_training = model.training
     model.eval()
-    for raw, clean, usable in loader:
+    for raw, clean, usable in _noting_skips(loader, set() if skipped is None else skipped):
         raw, clean = raw.to(env.device, non_blocking=True), clean.to(env.device, non_blocking=True)
         usable = usable.to(env.device, torch.float64)
         B, h, w, C = raw.shape
@@ -518,6 +530,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         optimizer, lambda s: lr_at(s, total, peak, cfg.warmup_frac, cfg.min_lr) / peak)
     step, last_val, best = 0, None, None  # best: (held-out loss, step) of the weights in best/
     best_weights: Optional[Dict[str, torch.Tensor]] = None  # kept in the checkpoint, so --resume can restore best/
+    skipped_when_read: Set[Path] = set()  # files that went bad after the scan (this process's batches)
     log = _JsonLog(out / LOG_NAME, env.is_main)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -578,7 +591,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         if not len(val_ds):
             return None
         val_sampler.batches = eval_batches(val_ds.grids, cfg.batch_size // env.world_size, env.rank, env.world_size)
-        return evaluate(m, val_loader, env, cfg.amp)
+        return evaluate(m, val_loader, env, cfg.amp, skipped_when_read)
 
     def write_best() -> None:
         if env.is_main:
@@ -624,7 +637,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
             epoch, offset = divmod(step, per_epoch)
             batches = global_batches(train_ds.grids, cfg.batch_size, cfg.seed, epoch)[offset:]
             train_sampler.batches = [rank_slice(b, env.rank, env.world_size) for b in batches]
-            for raw, clean, usable in train_loader:
+            for raw, clean, usable in _noting_skips(train_loader, skipped_when_read):
                 raw, clean = raw.to(env.device, non_blocking=True), clean.to(env.device, non_blocking=True)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 loss_sum += train_step(model, optimizer, raw, clean, cfg.amp, usable.to(env.device))
@@ -662,10 +675,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
         save_checkpoint()
     # The final model comes after the final checkpoint: a kill in between is repaired by --resume.
     best_val, best_step = best or (None, None)
+    went_bad = _gather_paths(skipped_when_read, env)
     if env.is_main:
         _write_denoiser(out, module.state_dict(), denoiser_config, settings, step, len(train_items), len(val_items),
                         last_val, identity_val)
-        log(event='done', step=step, val_loss=last_val, best_step=best_step)
+        log(event='done', step=step, val_loss=last_val, best_step=best_step,
+            skipped_when_read=[p.name for p in went_bad])
         _logger.info('wrote %s (%s denoiser, %d steps, held-out loss %s; raw features as the prediction: %s)%s',
                      out, data_backbone, step, loss_text(last_val), loss_text(identity_val),
                      f'; {out / BEST_DIR}: step {best_step}, held-out loss {loss_text(best_val)}' if best else '')
@@ -674,7 +689,17 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     return dict(out=str(out), steps=step, val_loss=last_val, identity_val_loss=identity_val, backbone=data_backbone,
                 best_step=best_step, best_val_loss=best_val,
                 train_files=len(train_items), val_files=len(val_items),
-                skipped=[(str(p), r) for p, r in scan.skipped])
+                skipped=[(str(p), r) for p, r in scan.skipped]
+                + [(str(p), 'unreadable or non-finite when read: zero weight in its batches') for p in went_bad])
+
+
+def _gather_paths(paths: Set[Path], env: DistEnv) -> List[Path]:
+    """The union of every rank's `paths`, sorted."""
+    if env.distributed:
+        every = [None] * env.world_size
+        dist.all_gather_object(every, sorted(paths))
+        paths = set().union(*every)
+    return sorted(paths)
 
 
 def _training_size(items: Sequence[Stage1Item]) -> Optional[int]:
