@@ -674,6 +674,11 @@ def test_evaluate_command_on_stage1_features_and_errors(vits_checkpoint, tmp_pat
         _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--out', str(tmp_path / 's1')])
     with pytest.raises(ValueError, match='--variants'):
         _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--variants', 'clean'])
+    # Stored features cannot be re-extracted: another --size is refused, not ignored; their own size is fine.
+    with pytest.raises(ValueError, match=r'holds features of 112x112 inputs, but --size asks for 448x448'):
+        _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--size', '448'])
+    assert _evaluate(['--features', str(tmp_path / 's1'), '--protocol', 'artifacts', '--size', '112', '--out',
+                      str(tmp_path / 'd.json'), '--mic-images', '1'])['images'] == 3
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
         _evaluate(['--model', VITS, '--backbone-checkpoint', str(tmp_path / 'none.safetensors'), '--data',
                    str(tmp_path), '--protocol', 'artifacts'])

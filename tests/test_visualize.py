@@ -179,3 +179,6 @@ def test_visualize_stored_features_skip_an_unreadable_image(sample_images, tmp_p
         _visualize([str(tmp_path / 'photos'), '--features', str(tmp_path / 's1'), '--panel-size', '32',
                     '--out', str(tmp_path / 'fig.png')])
     assert 'b.png' in caplog.text and (tmp_path / 'fig.png').is_file()
+    with pytest.raises(ValueError, match=r'holds features of 112x112 inputs, but --size asks for 56x56'):
+        _visualize([str(tmp_path / 'photos'), '--features', str(tmp_path / 's1'), '--size', '56',
+                    '--out', str(tmp_path / 'fig.png')])

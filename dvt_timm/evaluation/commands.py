@@ -55,8 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--no-pretrained', action='store_true',
                    help='no pretrained weights, downloaded or shipped: parts without a checkpoint stay randomly '
                         'initialised')
-    p.add_argument('--size', type=positive_int, nargs='+', default=[448], metavar='PX',
-                   help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14)')
+    p.add_argument('--size', type=positive_int, nargs='+', metavar='PX',
+                   help='input size (one side, or H W), squash-resized; default 448 (a 32x32 grid at patch 14); '
+                        'with --features, the size they were made at')
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per backbone pass (default 1)')
     p.add_argument('--cache', metavar='DIR', type=output_folder,
                    help='on-disk feature cache, keyed by the weights and the input size')
@@ -134,10 +135,21 @@ def _variants(arg: Sequence[str]) -> Tuple[str, ...]:
     return out
 
 
-def _size(arg: Sequence[int]) -> Tuple[int, int]:
+def _size(arg: Optional[Sequence[int]]) -> Tuple[int, int]:
+    """--size as (H, W); 448 x 448 when not given."""
+    if arg is None:
+        return 448, 448
     if len(arg) not in (1, 2) or min(arg) <= 0:
         raise ValueError(f'--size takes one side or H W, got {list(arg)}')
     return (arg[0], arg[0]) if len(arg) == 1 else (arg[0], arg[1])
+
+
+def _check_stored_size(fs: FeatureSet, args: argparse.Namespace) -> None:
+    """Stored features are used at the size they were made at: a --size that differs is refused, not ignored."""
+    if args.size is not None and _size(args.size) != tuple(fs.input_size):
+        (H, W), (h, w) = fs.input_size, _size(args.size)
+        raise ValueError(f'--features {args.features} holds features of {H}x{W} inputs, but --size asks for '
+                         f'{h}x{w}: leave out --size, or run the model at that size without --features')
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -310,6 +322,7 @@ def run_evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     t0 = time.perf_counter()
     if args.features is not None:
         fs = load_stage1(args.features, names=names, images=images)
+        _check_stored_size(fs, args)
         if args.limit and names is None:
             fs = fs.select(fs.names[:args.limit])
         if args.model is not None:  # only for the zero-input reference of the artifact metrics
@@ -513,6 +526,7 @@ def run_visualize(args: argparse.Namespace) -> Path:
     names = unique_stems(paths)
     if args.features is not None:
         fs = load_stage1(args.features, names=names, images=paths)
+        _check_stored_size(fs, args)
     else:
         model = _load_model(args, args.denoiser_checkpoint, need_denoiser=not args.raw_only)
         fs = extract_features(model, paths, _size(args.size), variants, names=names, batch_size=args.batch_size,
