@@ -8,7 +8,9 @@ import timm
 import torch
 
 import dvt_timm  # noqa: F401
-from dvt_timm.registry import AUTHORS_HUB_REPO, backbone_for
+# _WEIGHTS, not importlib.resources.files('dvt_timm.weights'): the tests also run from a source checkout on
+# PYTHONPATH, where weights/ is no package (test_a_source_checkout_imports_without_being_installed).
+from dvt_timm.registry import _WEIGHTS, AUTHORS_HUB_REPO, backbone_for
 
 REQUIRED = [
     'dvt_vit_small_patch14_dinov2', 'dvt_vit_base_patch14_dinov2', 'dvt_vit_large_patch14_dinov2',
@@ -68,8 +70,6 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
     """weights/dvt_vit_small_patch14_dinov2 installs as package data and loads with no network (CI sets
     HF_HUB_OFFLINE=1); the authors' release stays the default tag; on real photos it removes positional
     structure."""
-    from importlib.resources import files
-
     from safetensors.torch import load_file
 
     from dvt_timm.data import load_batch, load_image
@@ -79,7 +79,7 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
     assert name in timm.list_models('dvt_*', pretrained=True)
     assert timm.get_pretrained_cfg('dvt_vit_small_patch14_dinov2').tag == 'lvd142m_voc'
     model = timm.create_model(name, pretrained=True, backbone_checkpoint=str(vits_checkpoint)).eval()
-    shipped = load_file(str(files('dvt_timm.weights') / 'dvt_vit_small_patch14_dinov2' / 'model.safetensors'))
+    shipped = load_file(str(_WEIGHTS / 'dvt_vit_small_patch14_dinov2' / 'model.safetensors'))
     state = model.denoiser.state_dict()
     assert shipped.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in shipped.items())
 
@@ -101,8 +101,7 @@ def test_shipped_denoiser_loads_offline_and_lowers_artifacts(vits_checkpoint, sa
 def test_a_fixed_size_model_is_built_at_its_data_config_size():
     """dynamic_img_size=False: the backbone takes the size the data config names (the shipped denoiser's 448),
     or the data config names the img_size= given."""
-    from importlib.resources import files
-    shipped = str(files('dvt_timm.weights') / 'dvt_vit_small_patch14_dinov2')
+    shipped = str(_WEIGHTS / 'dvt_vit_small_patch14_dinov2')
     for kwargs, size in ((dict(), (448, 448)), (dict(img_size=(224, 280)), (224, 280))):
         model = timm.create_model('dvt_vit_small_patch14_dinov2.dvt_timm_photos', denoiser_checkpoint=shipped,
                                   dynamic_img_size=False, **kwargs).eval()

@@ -8,7 +8,7 @@ of neighbouring samples, so coarse levels stay in L2. Each thread owns one row: 
 weights are computed once, then the F features move as 16-byte vectors (chunks of 4 fp32), which keeps
 the per-row index vectors and the [BLOCK, 4] feature tiles in the same register layout (no shared-memory
 layout conversions; `tests/test_encoding.py` compiles them for sm_90 and checks the PTX for v4 loads and
-`atom.add.v4.f32` and no barriers).
+v4 atomic adds (`atom`/`red.add.v4.f32`) and no barriers).
 Index math is uint32 with wraparound, exactly like tcnn.
 
 Import this module only where triton is installed (`encoding.has_triton()` guards it). For CPU testing
@@ -138,6 +138,9 @@ def _hash_grid_bwd_kernel(
 
 _BLOCK = 128  # rows per program: one (field, sample) row per thread at 4 warps
 _NUM_WARPS = 4
+# FMA contraction stays on, as in every Triton up to 3.9 and in tcnn's nvcc build: Triton 3.10 turns it off
+# by default (3.9 warns), which would change the kernels' rounding and speed with whatever triton torch brings.
+_FP_FUSION = True
 
 
 def _constants(n_levels: int, n_feat: int) -> dict:
@@ -150,7 +153,7 @@ def _launch(kernel, n_rows: int, n_levels: int, n_feat: int, device: torch.devic
     # Triton launches on the current CUDA device and its stream, not on the tensors' device: under torchrun
     # rank r's tensors live on cuda:r while the current device may still be cuda:0.
     with torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext():
-        kernel[grid](*args, **_constants(n_levels, n_feat), num_warps=_NUM_WARPS)
+        kernel[grid](*args, **_constants(n_levels, n_feat), num_warps=_NUM_WARPS, enable_fp_fusion=_FP_FUSION)
 
 
 class _HashGridFunction(torch.autograd.Function):
@@ -241,4 +244,5 @@ def adam_step_touched_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_a
     with torch.cuda.device(param.device) if param.device.type == 'cuda' else contextlib.nullcontext():
         _adam_touched_kernel[(triton.cdiv(n, _ADAM_BLOCK),)](
             param, grad, exp_avg, exp_avg_sq, steps, n, float(lr), float(beta1), float(beta2), _log2(beta1),
-            _log2(beta2), float(eps), float(weight_decay), BLOCK=_ADAM_BLOCK, num_warps=_NUM_WARPS)
+            _log2(beta2), float(eps), float(weight_decay), BLOCK=_ADAM_BLOCK, num_warps=_NUM_WARPS,
+            enable_fp_fusion=_FP_FUSION)
