@@ -474,7 +474,8 @@ def add_visualize_parser(subparsers: Any) -> argparse.ArgumentParser:
                     'denoised features), K-means clusters, the feature norm and the cosine similarity to one '
                     'patch, each before and after denoising.')
     _add_model_args(p)
-    p.add_argument('images', nargs='+', help='image files, folders, or text files listing images')
+    p.add_argument('images', nargs='+',
+                   help='image files, folders, or text files listing images (paths relative to the list\'s folder)')
     p.add_argument('--features', metavar='DIR', help='stored stage-1 outputs to show instead of running the model')
     p.add_argument('--out', default='dvt_features.png', help='output PNG (default dvt_features.png)')
     p.add_argument('--raw-only', action='store_true', help='show raw features only (no denoiser needed)')

@@ -81,7 +81,8 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
                     'finished images; under torchrun each rank takes its share.')
     p.add_argument('--model', required=True, help='backbone timm id or dvt_* model name')
     p.add_argument('--backbone-checkpoint', help='timm-layout backbone weights (default: timm pretrained)')
-    p.add_argument('--images', required=True, help='image folder, one image, or text file listing image paths')
+    p.add_argument('--images', required=True,
+                   help='image folder, one image, or text file listing image paths (relative to the list\'s folder)')
     p.add_argument('--out', required=True, type=output_folder, help='output folder')
     p.add_argument('--preset', choices=sorted(PRESETS), default='paper',
                    help="'paper' (default): the paper's settings, for a GPU; 'fast': the CPU preset "
