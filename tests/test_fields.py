@@ -98,12 +98,16 @@ def _recover_ground_truth(full_view_share: float, sparse_table_adam: bool, devic
                              full_view_share=full_view_share, sparse_table_adam=sparse_table_adam,
                              hash=HashGridConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4,
                                                  finest_resolution=64))
-    out = decompose(y[None].to(device), coords[None], [image_seed(0, 'synthetic')], settings, backend=backend)[0]
+    out = decompose(y[None].to(device), coords[None], [image_seed(0, 'synthetic')], settings, backend=backend,
+                    keep_views=True)[0]
     print(f'G cos {_centred_cos(out.artifact, G_true):.4f}, F cos {_centred_cos(out.denoised, F_true(coords[0])):.4f}')
     assert _centred_cos(out.artifact, G_true) >= 0.95
     assert _centred_cos(out.denoised, F_true(coords[0])) >= 0.95
     assert torch.equal(out.raw, y[0])
-    assert not any(t.requires_grad for t in (out.raw, out.denoised, out.artifact, out.residual))  # plain results
+    # keep_views (`--save-views`): every view's raw features, and F* at that view's image coordinates
+    assert torch.equal(out.view_raw, y) and torch.equal(out.view_denoised[0], out.denoised)
+    assert _centred_cos(out.view_denoised.reshape(-1, 1, C), F_true(coords).reshape(-1, 1, C)) >= 0.95
+    assert not any(t.requires_grad for t in (out.raw, out.denoised, out.artifact, out.residual, out.view_denoised))
 
 
 @pytest.mark.parametrize('full_view_share, sparse_table_adam', [
@@ -318,6 +322,31 @@ def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_chec
     torch.testing.assert_close(raw_a, api.raw, rtol=0, atol=1e-5)
     torch.testing.assert_close(den_a, api.denoised, rtol=1e-4, atol=1e-4)
     assert (den_a - raw_a).norm() > 0.05 * raw_a.norm()  # F is not the raw map
+
+
+def test_denoise_images_cli_save_views_writes_a_training_pair_per_view(tmp_path, sample_images, vits_checkpoint,
+                                                                      capsys):
+    """--save-views: OUT/views/<stem>_viewNNN.safetensors per view (000 the full image, the same maps as
+    OUT/<stem>.safetensors), a stage-1 folder of its own; an image whose views are missing is redone."""
+    out = tmp_path / 'out'
+    args = ['denoise-images', '--model', 'vit_small_patch14_dinov2', '--backbone-checkpoint', str(vits_checkpoint),
+            '--images', str(sample_images[0]), '--out', str(out), '--preset', 'fast', '--views', '2',
+            '--iterations', '4', '--image-size', '56', '--save-views']
+    assert cli_main(args) == 0
+    stem = sample_images[0].stem
+    assert sorted(p.name for p in (out / 'views').iterdir()) == [f'{stem}_view{v:03d}.safetensors' for v in range(3)]
+    raw, denoised, _ = read_stage1(out / f'{stem}.safetensors')
+    views = [read_stage1(out / 'views' / f'{stem}_view{v:03d}.safetensors') for v in range(3)]
+    assert torch.equal(views[0][0], raw) and torch.equal(views[0][1], denoised)
+    assert not torch.equal(views[1][0], raw) and not torch.equal(views[1][1], denoised)  # a crop, not the full image
+    assert [item.metadata['view'] for _, _, item in views] == ['0', '1', '2']
+    assert {item.metadata['image'] for _, _, item in views} == {str(sample_images[0])}  # held out together
+    capsys.readouterr()
+    assert cli_main(args) == 0 and '0 done, 1 skipped' in capsys.readouterr().out
+    (out / 'views' / f'{stem}_view002.safetensors').unlink()
+    (out / 'views' / f'.{stem}_view002.safetensors.x1y2.tmp').write_bytes(b'half')  # as a killed write leaves it
+    assert cli_main(args) == 0 and '1 done, 0 skipped' in capsys.readouterr().out
+    assert (out / 'views' / f'{stem}_view002.safetensors').is_file() and not list((out / 'views').glob('.*'))
 
 
 def test_denoise_images_cli_keeps_inputs_and_refuses_to_mix_settings(tmp_path, sample_images, vits_checkpoint, capsys):

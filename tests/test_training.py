@@ -170,6 +170,20 @@ def test_split_is_by_file_and_seeded(stage1_dir):
     assert split_files(items, 0, seed=0)[1] == []
 
 
+def test_split_holds_out_every_view_of_an_image_together(tmp_path):
+    """`denoise-images --save-views` writes one file per view, all recording the same image: a held-out image
+    must not have its other views in the training split, or the held-out loss would be on seen images."""
+    content = torch.zeros(8, 8, C, dtype=torch.float16)
+    for image in range(10):
+        for view in range(5):
+            save_file({'raw': content, 'denoised': content.clone()}, str(tmp_path / f'im{image}_view{view:03d}.safetensors'),
+                      metadata=_meta((8, 8), image=f'/photos/im{image}.jpg', view=str(view)))
+    train, val = split_files(scan_stage1(tmp_path, log=False).items, 0.2, seed=0)
+    image_of = lambda items: {i.metadata['image'] for i in items}  # noqa: E731
+    assert len(image_of(val)) == 2 and len(val) == 10 and len(train) == 40
+    assert not image_of(val) & image_of(train)
+
+
 # ---------------------------------------------------------------------------- data
 def test_scan_skips_bad_files_with_reasons(stage1_dir, caplog):
     expected = write_bad_files(stage1_dir)  # idempotent: the fixture wrote the same files

@@ -179,14 +179,18 @@ class ImageFields(nn.Module):
 
 @dataclass
 class Decomposition:
-    """Stage-1 results for a batch of images, each (B, K, K, C) on the CPU, fp32."""
+    """Stage-1 results for a batch of images, each (B, K, K, C) on the CPU, fp32; with `keep_views`, also every
+    view's raw features and F at that view's image coordinates, (B, V, K, K, C), view 0 the full image."""
     raw: torch.Tensor  # backbone features of the full image
     denoised: torch.Tensor  # F on the full-image grid
     artifact: torch.Tensor  # G
     residual: torch.Tensor  # Δ of the full image's raw features
+    view_raw: Optional[torch.Tensor] = None
+    view_denoised: Optional[torch.Tensor] = None
 
     def __getitem__(self, b: int) -> 'Decomposition':
-        return Decomposition(self.raw[b], self.denoised[b], self.artifact[b], self.residual[b])
+        return Decomposition(*(None if t is None else t[b] for t in (
+            self.raw, self.denoised, self.artifact, self.residual, self.view_raw, self.view_denoised)))
 
 
 def _lr_lambda(settings: FieldSettings):
@@ -217,6 +221,7 @@ def decompose(
         settings: FieldSettings,
         backend: str = 'auto',
         progress=None,
+        keep_views: bool = False,
 ) -> Decomposition:
     """Fit F, G, Δ to each image's view features.
 
@@ -227,6 +232,8 @@ def decompose(
         settings: the optimisation settings.
         backend: hash-grid backend ('auto', 'torch', 'triton', 'tcnn').
         progress: optional callable(step) called every 100 steps.
+        keep_views: also return every view's raw features and F at its coordinates (`view_raw`,
+            `view_denoised`): V training pairs per image for stage 2 instead of one.
     """
     B, V, K, _, C = features.shape
     device = features.device
@@ -266,6 +273,9 @@ def decompose(
     with torch.no_grad():
         full = xy[:, :K * K]  # view 0 is the full image: its coords are the full-image grid
         raw = feats[:, :K * K].float()
-        out = Decomposition(raw, fields.semantics(full), fields.artifact.detach(), fields.residual_of(raw))
-    return Decomposition(*(t.reshape(B, K, K, C).float().cpu() for t in (
-        out.raw, out.denoised, out.artifact, out.residual)))
+        maps = (raw, fields.semantics(full), fields.artifact.detach(), fields.residual_of(raw))
+        out = Decomposition(*(t.reshape(B, K, K, C).float().cpu() for t in maps))
+        if keep_views:  # opt-in: the paper preset's 769 views of ViT-B are 3.2 GB per image in fp32
+            out.view_raw = features.float().cpu()
+            out.view_denoised = fields.semantics(xy).reshape(B, V, K, K, C).float().cpu()
+    return out

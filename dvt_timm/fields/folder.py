@@ -25,7 +25,7 @@ from .decomposition import Decomposition, FieldSettings, image_seed
 from .outputs import Stage1Error, check_stage1, write_stage1
 from .pipeline import denoise_images
 
-__all__ = ['FolderSummary', 'denoise_folder', 'output_path', 'rank_world', 'visuals_dir']
+__all__ = ['FolderSummary', 'denoise_folder', 'output_path', 'rank_world', 'view_path', 'views_dir', 'visuals_dir']
 
 _logger = logging.getLogger(__name__)
 
@@ -49,6 +49,15 @@ def output_path(out_dir: Path, image: Path) -> Path:
 def visuals_dir(out_dir: Path) -> Path:
     """Where `--save-visuals` PNGs go: a subfolder, so they can never overwrite an input image."""
     return out_dir / 'visuals'
+
+
+def views_dir(out_dir: Path) -> Path:
+    """Where `--save-views` writes each view's (raw, F) pair: a stage-1 folder of its own, for `train-denoiser`."""
+    return out_dir / 'views'
+
+
+def view_path(out_dir: Path, image: Path, view: int) -> Path:
+    return views_dir(out_dir) / f'{image.stem}_view{view:03d}.safetensors'
 
 
 # Settings added after outputs were first written, with the value those older outputs were made with.
@@ -112,11 +121,15 @@ def rank_world() -> Tuple[int, int]:
 
 
 def _remove_stale_temps(out_dir: Path, images: Sequence[Path]) -> None:
-    """Drop temp files a killed run left behind, of features and of visuals (only this rank's images: other
+    """Drop temp files a killed run left behind, of features, visuals and views (only this rank's images: other
     ranks may be writing)."""
     mine = {name for p in images for name in (output_path(out_dir, p).name, f'{p.stem}.png')}
     for tmp in [*out_dir.glob('.*.tmp'), *visuals_dir(out_dir).glob('.*.tmp')]:
         if any(tmp.name.startswith(f'.{name}.') for name in mine):
+            tmp.unlink(missing_ok=True)
+    stems = {p.stem for p in images}
+    for tmp in views_dir(out_dir).glob('.*_view*.tmp'):  # .<stem>_viewNNN.safetensors.<random>.tmp
+        if tmp.name[1:].rsplit('_view', 1)[0] in stems:
             tmp.unlink(missing_ok=True)
 
 
@@ -134,10 +147,13 @@ def denoise_folder(
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         backbone_weights: Optional[str] = None,
+        save_views: bool = False,
 ) -> FolderSummary:
     """Run stage 1 on this rank's share of `images`, writing `out_dir/<stem>.safetensors` per image.
 
     `visuals(image, png_path, result)`, if given, writes a PNG per image to `visuals_dir(out_dir)`.
+    With `save_views`, every view's raw features and F at its coordinates go to `view_path(out_dir, image, v)`
+    too (v = 0 is the full image), before the image's own file; an image whose views are missing is redone.
     `backbone_weights` says which weights `model_name` has: 'pretrained' (timm's), or 'sha256:<hex>' of the
     checkpoint file loaded (`file_sha256`); None records nothing. Existing outputs count as done when they were
     made from the same image file with the same model, weights (where both runs record them), input size and
@@ -155,8 +171,10 @@ def denoise_folder(
                 'settings': json.dumps(asdict(settings), sort_keys=True)}
     if backbone_weights is not None:
         expected['backbone_weights'] = backbone_weights
+    last_view = settings.n_views  # views are written in order, each atomically: the last one means all
     finished = {p for g in mine for p in g
-                if output_path(out_dir, p).exists() and _finished(output_path(out_dir, p), expected, p)}
+                if output_path(out_dir, p).exists() and _finished(output_path(out_dir, p), expected, p)
+                and (not save_views or view_path(out_dir, p, last_view).exists())}
 
     summary = FolderSummary()
     start = time.perf_counter()
@@ -184,7 +202,7 @@ def denoise_folder(
             bar.set_postfix_str(f'{stage} {value}/{settings.iterations}' if stage == 'optimise' else stage)
 
         results = denoise_images(model, loaded, settings, keys=[p.stem for p in paths], device=device,
-                                 backend=backend, progress=progress)
+                                 backend=backend, progress=progress, keep_views=save_views)
         for p, image, result in zip(paths, loaded, results):
             if p in finished:
                 continue
@@ -199,6 +217,10 @@ def denoise_folder(
                     'image_sha256': file_sha256(p), 'image_seed': str(image_seed(settings.seed, p.stem))}
             if visuals is not None:  # before the features: their file is what marks the image done
                 visuals(image, visuals_dir(out_dir) / f'{p.stem}.png', result)
+            if save_views:
+                views_dir(out_dir).mkdir(exist_ok=True)
+                for v, (raw, denoised) in enumerate(zip(result.view_raw, result.view_denoised)):
+                    write_stage1(view_path(out_dir, p, v), raw, denoised, {**meta, 'view': str(v)}, dtype)
             write_stage1(out, result.raw, result.denoised, meta, dtype)
             summary.done += 1
             bar.update(1)

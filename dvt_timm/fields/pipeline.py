@@ -122,6 +122,7 @@ def denoise_images(
         backend: str = 'auto',
         extract_batch: int = 32,
         progress=None,
+        keep_views: bool = False,
 ) -> List[Decomposition]:
     """Stage-1 denoising of several images at once; their fields are optimised together.
 
@@ -135,6 +136,8 @@ def denoise_images(
         backend: hash-grid backend.
         extract_batch: views per backbone forward.
         progress: optional callable(stage: str, value) for progress reporting.
+        keep_views: also return each view's raw features and F at the view's coordinates (`view_raw`,
+            `view_denoised`, (V, K, K, C), view 0 the full image): V stage-2 training pairs per image.
     Returns:
         One `Decomposition` per image (raw, denoised = F, artifact = G, residual = Δ; each (K, K, C)).
     """
@@ -180,7 +183,8 @@ def denoise_images(
     batch = torch.stack(features)
     features.clear()  # not a second copy of every image's features during the optimisation
     result = decompose(batch, torch.stack(coords).to(device), seeds, settings, backend,
-                       progress=(lambda step: progress('optimise', step)) if progress is not None else None)
+                       progress=(lambda step: progress('optimise', step)) if progress is not None else None,
+                       keep_views=keep_views)
     return [result[b] for b in range(len(images))]
 
 

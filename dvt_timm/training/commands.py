@@ -49,7 +49,8 @@ def add_train_denoiser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--warmup-frac', type=float, default=0.15, help='fraction of steps of linear warm-up (default 0.15)')
     p.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine (default 1e-6)')
     p.add_argument('--val-frac', type=float, default=0.05,
-                   help='fraction of files held out for validation, chosen by --seed (default 0.05; 0: none)')
+                   help='fraction of images held out for validation (all their files: views, sizes), chosen by '
+                        '--seed (default 0.05; 0: none)')
     p.add_argument('--val-every', type=int, default=500,
                    help='validate every N steps and at the end (default 500; 0: end only)')
     p.add_argument('--ckpt-every', type=int, default=500,

@@ -94,19 +94,25 @@ def scan_stage1(root: PathLike, model: Optional[str] = None, verify: bool = Fals
 
 
 def split_files(items: Sequence[Stage1Item], val_frac: float, seed: int) -> Tuple[List[Stage1Item], List[Stage1Item]]:
-    """Hold out `val_frac` of the files for validation, chosen by a permutation seeded by `seed`.
+    """Hold out `val_frac` of the images for validation, chosen by a permutation seeded by `seed`.
 
-    The split depends only on the (sorted) file list and the seed. At least one file is held out when
-    `val_frac > 0`, and at least one is kept for training.
+    Files made from one image (the `image` they record: its views from `denoise-images --save-views`, or its
+    features at several sizes) are held out together, so the held-out loss is measured on unseen images; with
+    one file per image this is a split of the files. The split depends only on the (sorted) file list and the
+    seed. At least one image is held out when `val_frac > 0`, and at least one is kept for training.
     """
     if not 0 <= val_frac < 1:
         raise ValueError(f'val_frac (--val-frac) must be in [0, 1), got {val_frac}')
-    n = len(items)
+    groups: Dict[str, List[int]] = {}  # in order of first appearance in the sorted files
+    for i, it in enumerate(items):
+        groups.setdefault(it.metadata.get('image', str(it.path)), []).append(i)
+    keys = list(groups)
+    n = len(keys)
     n_val = 0 if val_frac == 0 else min(max(round(val_frac * n), 1), n - 1)
     if val_frac > 0 and n_val == 0:
-        _logger.warning('one stage-1 file: nothing is held out for validation')
+        _logger.warning('stage-1 files of one image: nothing is held out for validation')
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx = set(perm[:n_val])
+    val_idx = {i for k in perm[:n_val] for i in groups[keys[k]]}
     train = [it for i, it in enumerate(items) if i not in val_idx]
     val = [it for i, it in enumerate(items) if i in val_idx]
     return train, val
