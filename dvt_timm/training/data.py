@@ -1,6 +1,7 @@
 """Stage-1 outputs as a training set for the generalizable denoiser, and the batch order.
 
-A stage-1 folder holds one `<image stem>.safetensors` per image (the format: `dvt_timm.fields.outputs`).
+A stage-1 folder holds one `<image stem>.safetensors` per image, or one per view with `denoise-images
+--save-views` (the format: `dvt_timm.fields.outputs`).
 Files are checked at scan time from their headers alone (cheap for any folder size); a bad file is
 logged with the reason and skipped. Tensors load lazily per item.
 
