@@ -110,6 +110,23 @@ def _recover_ground_truth(full_view_share: float, sparse_table_adam: bool, devic
     assert not any(t.requires_grad for t in (out.raw, out.denoised, out.artifact, out.residual, out.view_denoised))
 
 
+def test_keep_views_gives_every_view_past_one_chunk():
+    """keep_views evaluates F 64 views at a time: with more views every one is still there, in order."""
+    g = torch.Generator().manual_seed(0)
+    K, C, size = 2, 8, 28
+    views = sample_views(69, size, g)  # 70 views: two chunks
+    coords = view_coords(views, size, K)
+    settings = FieldSettings(image_size=size, n_views=69, iterations=2, samples_per_step=16,
+                             hash=HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4,
+                                                 finest_resolution=8))
+    y = torch.randn(1, len(views), K, K, C, generator=g)
+    out = decompose(y, coords[None], [1], settings, backend='torch', keep_views=True)[0]
+    assert out.view_denoised.shape == (70, K, K, C) and torch.equal(out.view_raw, y[0])
+    assert torch.equal(out.view_denoised[0], out.denoised)
+    # views 0 and 69 are different crops of one field: their F differ wherever their coordinates do
+    assert not torch.equal(out.view_denoised[69], out.view_denoised[0])
+
+
 @pytest.mark.parametrize('full_view_share, sparse_table_adam', [
     (0.0, True), (0.5, True),  # the paper's sampling; the fast preset's
     (0.0, False), (0.5, False)])  # the table stepped by a dense Adam: the authors' code; the fast preset's

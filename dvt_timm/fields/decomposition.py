@@ -277,5 +277,8 @@ def decompose(
         out = Decomposition(*(t.reshape(B, K, K, C).float().cpu() for t in maps))
         if keep_views:  # opt-in: the paper preset's 769 views of ViT-B are 3.2 GB per image in fp32
             out.view_raw = features.float().cpu()
-            out.view_denoised = fields.semantics(xy).reshape(B, V, K, K, C).float().cpu()
+            # View 0 is the full image: its F is `denoised` itself, not a second evaluation that could round
+            # differently. The crops go 64 at a time: all 768 at once would hold ~5 GB of MLP activations per image.
+            crops = [fields.semantics(chunk).float().cpu() for chunk in xy[:, K * K:].split(64 * K * K, dim=1)]
+            out.view_denoised = torch.cat([out.denoised.reshape(B, K * K, C), *crops], 1).reshape(B, V, K, K, C)
     return out

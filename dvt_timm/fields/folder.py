@@ -162,6 +162,8 @@ def denoise_folder(
     unique_stems(images)  # a stem names the image's output file; checked before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if save_views:
+        views_dir(out_dir).mkdir(exist_ok=True)
     if rank is None or world_size is None:
         rank, world_size = rank_world()
     groups = [list(images[k:k + batch_images]) for k in range(0, len(images), batch_images)]
@@ -218,7 +220,6 @@ def denoise_folder(
             if visuals is not None:  # before the features: their file is what marks the image done
                 visuals(image, visuals_dir(out_dir) / f'{p.stem}.png', result)
             if save_views:
-                views_dir(out_dir).mkdir(exist_ok=True)
                 for v, (raw, denoised) in enumerate(zip(result.view_raw, result.view_denoised)):
                     write_stage1(view_path(out_dir, p, v), raw, denoised, {**meta, 'view': str(v)}, dtype)
             write_stage1(out, result.raw, result.denoised, meta, dtype)
