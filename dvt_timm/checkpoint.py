@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
     'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'file_sha256',
-    'backbone_weights_id', 'atomic_write',
+    'backbone_weights_id', 'atomic_write', 'weights_path',
 ]
 
 FORMAT_VERSION = 1
@@ -218,7 +218,7 @@ def read_denoiser_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], D
     Returns the weights in our key layout and the config. For authors' files, the backbone id is taken
     from the file name (`<timm id>.pth`), as the authors name them.
     """
-    path = _weights_path(path)
+    path = weights_path(path)
     obj = load_state_dict_file(path)
     if path.suffix != '.safetensors':
         sd = _from_authors(obj, path)
@@ -228,7 +228,7 @@ def read_denoiser_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], D
     return obj, read_denoiser_config(path) or _config_from_weights(obj, '', path)
 
 
-def _weights_path(path: PathLike) -> Path:
+def weights_path(path: PathLike) -> Path:
     """The weights file of a checkpoint given as a file or as a directory in our format."""
     path = Path(path)
     if path.is_dir():
@@ -241,7 +241,7 @@ def _weights_path(path: PathLike) -> Path:
 def read_denoiser_config(path: PathLike) -> Optional[DenoiserConfig]:
     """The `config.json` of a denoiser in our format (a directory or its `model.safetensors`), without
     loading the weights; None for an authors' `.pth` or a bare safetensors file."""
-    path = _weights_path(path)
+    path = weights_path(path)
     cfg_path = path.with_name(CONFIG_NAME)
     if path.suffix != '.safetensors' or not cfg_path.is_file():
         return None

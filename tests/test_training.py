@@ -5,6 +5,7 @@ fixed positional pattern P, so a denoiser can only fit the held-out files by lea
 positions -- the held-out loss must fall well below that of returning raw unchanged. Width 384 fits
 a real ViT-S/14 so the result loads into `DenoisedViT`; grids are 8x8 (and 6x10) tokens for speed.
 """
+import hashlib
 import json
 import math
 import re
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dvt_timm import DenoisedViT
+from dvt_timm.checkpoint import DenoiserConfig, read_denoiser_checkpoint, write_denoiser_checkpoint
 from dvt_timm.denoiser import Denoiser
 from dvt_timm.losses import distance
 from dvt_timm.training import commands
@@ -492,6 +494,36 @@ def test_output_loads_with_from_pretrained(reference_run, vits_checkpoint):
     assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in weights.items())
     with torch.no_grad():
         assert model.feature_map(torch.randn(1, 3, 112, 140)).shape == (1, C, 8, 10)
+
+
+def test_fine_tuning_starts_from_the_initial_checkpoint(reference_run, stage1_dir, tmp_path):
+    """--initial-checkpoint: a run starts from that denoiser, not from random weights; the card and --resume
+    know which one; one for another backbone or shape is refused before anything is written."""
+    out = tmp_path / 'ft'
+    # A learning rate of 1e-12 leaves the weights where they started, so the result must be the reference's.
+    train(_config(stage1_dir, out, steps=1, lr=1e-12, min_lr=0, initial_checkpoint=str(reference_run)))
+    start, tuned = load_file(str(reference_run / 'model.safetensors')), load_file(str(out / 'model.safetensors'))
+    assert all(torch.allclose(tuned[k], start[k], atol=1e-8) for k in start)
+    first_loss = [r['loss'] for r in _log(out) if r['event'] == 'train'][0]
+    assert first_loss < 0.5 * [r['loss'] for r in _log(reference_run) if r['event'] == 'train'][0]
+    sha = 'sha256:' + hashlib.sha256((reference_run / 'model.safetensors').read_bytes()).hexdigest()
+    assert f'| initial weights | {sha} |' in (out / 'README.md').read_text()
+    # Resuming with other initial weights is another run.
+    other = tmp_path / 'other'
+    write_denoiser_checkpoint(other, {k: v + 1 for k, v in start.items()}, read_denoiser_checkpoint(reference_run)[1])
+    with pytest.raises(ValueError, match='initial_checkpoint'):
+        train(_config(stage1_dir, out, steps=1, lr=1e-12, min_lr=0, initial_checkpoint=str(other), resume=True))
+
+    base = Denoiser(768, 37).state_dict()
+    write_denoiser_checkpoint(tmp_path / 'vitb', base, DenoiserConfig('vit_base_patch14_dinov2.lvd142m', 768, 12, 37, 14))
+    small = Denoiser(C, 16).state_dict()
+    write_denoiser_checkpoint(tmp_path / 'grid16', small, DenoiserConfig('', C, 6, 16, 14))
+    for init, message in (('vitb', r'denoiser for vit_base_patch14_dinov2\.lvd142m'), ('grid16', '16x16 position')):
+        with pytest.raises(ValueError, match=message):
+            train(_config(stage1_dir, tmp_path / f'run_{init}', initial_checkpoint=str(tmp_path / init)))
+        assert not (tmp_path / f'run_{init}').exists()
+    with pytest.raises(FileNotFoundError, match='no model.safetensors'):
+        train(_config(stage1_dir, tmp_path / 'run_empty', initial_checkpoint=str(tmp_path)))
 
 
 def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, tmp_path):

@@ -66,6 +66,9 @@ def add_train_denoiser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--verify-data', action='store_true',
                    help='read every stage-1 file in full when scanning and leave out those holding NaN/Inf '
                         '(without it, such a file is skipped with a warning when read: zero weight in its batches)')
+    p.add_argument('--initial-checkpoint', default=None, metavar='PATH',
+                   help='start from this denoiser (a dvt-timm checkpoint folder or model.safetensors, or an authors\' '
+                        '.pth) instead of random weights, to fine-tune it on --data')
     p.add_argument('--stop-after-steps', type=int, default=None, metavar='N',
                    help='testing: kill this process (SIGKILL) right after step N, to exercise --resume')
 
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eps=args.eps, warmup_frac=args.warmup_frac, min_lr=args.min_lr, val_frac=args.val_frac,
         val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every, seed=args.seed,
         workers=args.workers, device=args.device, amp=args.amp, resume=args.resume, verify_data=args.verify_data,
-        stop_after_steps=args.stop_after_steps)
+        initial_checkpoint=args.initial_checkpoint, stop_after_steps=args.stop_after_steps)
 
 
 def run_train_denoiser(args: argparse.Namespace) -> None:

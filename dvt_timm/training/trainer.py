@@ -3,7 +3,8 @@
 Loss distance(D(raw), F) = MSE + (1 - mean cosine over channels). The defaults are the authors'
 (REFERENCE section 1): AdamW, betas (0.9, 0.999), weight decay 1e-5 on every parameter,
 lr = 2e-4 * sqrt(global batch / 256), cosine with 15% linear warm-up down to 1e-6, no augmentation,
-global batch 64 (the authors' 8 GPUs x 8).
+global batch 64 (the authors' 8 GPUs x 8). The denoiser starts from random weights, or from an existing
+denoiser of the same backbone (`initial_checkpoint`, to fine-tune it on other pairs).
 
 Reproducibility is by construction: the data order of every epoch is a seeded global permutation cut
 into global batches (each of one patch grid), and each rank takes an interleaved slice of each batch,
@@ -41,7 +42,10 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, short_cause, write_denoiser_checkpoint
+from ..checkpoint import (
+    CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, file_sha256, read_denoiser_checkpoint, same_backbone,
+    short_cause, weights_path, write_denoiser_checkpoint,
+)
 from ..denoiser import Denoiser
 from ..losses import distance
 from ..model import default_input_size
@@ -69,7 +73,7 @@ DEFAULT_EPOCHS = 100
 # Settings that shape the trajectory: a resumed run must use the same values to end where the
 # uninterrupted run would. The rest (logging, checkpoint cadence, workers, device) may change.
 _RUN_DEFINING = ('backbone', 'total_steps', 'batch_size', 'lr', 'weight_decay', 'betas', 'eps', 'warmup_frac',
-                 'min_lr', 'val_frac', 'seed', 'amp')
+                 'min_lr', 'val_frac', 'seed', 'amp', 'initial_checkpoint')
 
 
 @dataclass
@@ -97,6 +101,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast (GPUs, and CPUs with bf16 units)
     resume: bool = False
     verify_data: bool = False  # read every file in full at scan time and reject NaN/Inf
+    initial_checkpoint: Optional[str] = None  # a denoiser to start from (fine-tuning) instead of a random one
     stop_after_steps: Optional[int] = None  # testing: SIGKILL this process right after that step
 
 
@@ -340,6 +345,7 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 | peak lr | {settings['lr']:.3g} (AdamW, betas {tuple(settings['betas'])}, weight decay {settings['weight_decay']}) |
 | schedule | {settings['warmup_frac']:.0%} linear warm-up, cosine to {settings['min_lr']} |
 | seed | {settings['seed']} |
+| initial weights | {settings.get('initial_checkpoint') or 'random'} |
 | held-out loss of these weights (MSE + 1 - cosine) | {val} |
 | held-out loss of raw features as the prediction | {identity} |
 """
@@ -376,6 +382,25 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f'--warmup-frac must be in [0, 1), got {cfg.warmup_frac}')
     if min(cfg.val_every, cfg.ckpt_every, cfg.log_every, cfg.workers) < 0:
         raise ValueError('--val-every, --ckpt-every, --log-every and --workers must not be negative')
+
+
+def _read_initial_checkpoint(path: Optional[str], backbone: str, embed_dim: int,
+                             patch: int) -> Optional[Tuple[Dict[str, torch.Tensor], str]]:
+    """The weights of --initial-checkpoint and its identity ('sha256:<hex>' of the weights file, so --resume can
+    tell it changed), after checking it is a denoiser for `backbone` with the trainer's position-embedding grid."""
+    if path is None:
+        return None
+    weights, config = read_denoiser_checkpoint(path)
+    if config.backbone and not same_backbone(config.backbone, backbone):
+        raise ValueError(f'--initial-checkpoint {path} is a denoiser for {config.backbone}, '
+                         f'but the stage-1 features are {backbone}\'s')
+    grid = default_input_size(patch) // patch
+    heads = max(embed_dim // 64, 1)
+    if (config.embed_dim, config.grid_size, config.num_heads) != (embed_dim, grid, heads):
+        raise ValueError(f'--initial-checkpoint {path} has width {config.embed_dim}, {config.num_heads} heads and a '
+                         f'{config.grid_size}x{config.grid_size} position embedding; the trainer\'s {backbone} '
+                         f'denoiser has width {embed_dim}, {heads} heads and {grid}x{grid}')
+    return weights, f'sha256:{file_sha256(weights_path(path))}'
 
 
 def _data_digest(items: Sequence[Stage1Item]) -> str:
@@ -511,9 +536,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                         '--batch-size %d', sum(unused.values()), _grid_counts(unused), cfg.batch_size)
     total = cfg.steps or (cfg.epochs or DEFAULT_EPOCHS) * per_epoch
     peak = cfg.lr or default_lr(cfg.batch_size)
+    initial = _read_initial_checkpoint(cfg.initial_checkpoint, data_backbone, embed_dim, patch)
     settings = dict(backbone=data_backbone, total_steps=total, batch_size=cfg.batch_size, lr=peak,
                     weight_decay=cfg.weight_decay, betas=list(cfg.betas), eps=cfg.eps, warmup_frac=cfg.warmup_frac,
-                    min_lr=cfg.min_lr, val_frac=cfg.val_frac, seed=cfg.seed, amp=cfg.amp)
+                    min_lr=cfg.min_lr, val_frac=cfg.val_frac, seed=cfg.seed, amp=cfg.amp,
+                    initial_checkpoint=initial and initial[1])
     train_names = [it.path.name for it in train_items]
     val_names = [it.path.name for it in val_items]
     data_digest = _data_digest(scan.items)
@@ -524,6 +551,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     random.seed(cfg.seed)
     grid_size = default_input_size(patch) // patch
     module = Denoiser(embed_dim, grid_size).to(env.device)
+    if initial is not None:
+        module.load_state_dict(initial[0])
     optimizer = torch.optim.AdamW(module.parameters(), lr=peak, betas=tuple(cfg.betas), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
