@@ -18,6 +18,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from .denoiser import default_num_heads
+
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
     'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'file_sha256',
@@ -208,7 +210,7 @@ def _config_from_weights(sd: Dict[str, torch.Tensor], backbone: str, path: Path)
     if grid * grid != pos.shape[1]:
         raise CheckpointError(f'{path}: pos_embed has {pos.shape[1]} positions, not a square grid')
     embed_dim = pos.shape[-1]
-    return DenoiserConfig(backbone=backbone, embed_dim=embed_dim, num_heads=max(embed_dim // 64, 1),
+    return DenoiserConfig(backbone=backbone, embed_dim=embed_dim, num_heads=default_num_heads(embed_dim),
                           grid_size=grid, patch_size={37: 14, 32: 16}.get(grid, 0))
 
 

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import resample_abs_pos_embed
 
-__all__ = ['Denoiser', 'DenoiserBlock']
+__all__ = ['Denoiser', 'DenoiserBlock', 'default_num_heads']
+
+
+def default_num_heads(embed_dim: int) -> int:
+    """DVT's attention heads for a width C: C / 64 (at least one)."""
+    return max(embed_dim // 64, 1)
 
 
 class Attention(nn.Module):
@@ -73,7 +78,7 @@ class Denoiser(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.grid_size = grid_size
-        self.num_heads = num_heads or max(embed_dim // 64, 1)
+        self.num_heads = num_heads or default_num_heads(embed_dim)
         self.pos_embed = nn.Parameter(torch.randn(1, grid_size * grid_size, embed_dim) * 0.02)
         self.block = DenoiserBlock(embed_dim, self.num_heads)
 

@@ -46,7 +46,7 @@ from ..checkpoint import (
     CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, file_sha256, read_denoiser_checkpoint, same_backbone,
     short_cause, weights_path, write_denoiser_checkpoint,
 )
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, default_num_heads
 from ..losses import distance
 from ..model import default_input_size
 from ..registry import resolve_backbone
@@ -345,7 +345,7 @@ features = model.feature_map(images)  # (B, C, h, w), denoised
 | peak lr | {settings['lr']:.3g} (AdamW, betas {tuple(settings['betas'])}, weight decay {settings['weight_decay']}) |
 | schedule | {settings['warmup_frac']:.0%} linear warm-up, cosine to {settings['min_lr']} |
 | seed | {settings['seed']} |
-| initial weights | {settings.get('initial_checkpoint') or 'random'} |
+| initial weights | {settings['initial_checkpoint'] or 'random'} |
 | held-out loss of these weights (MSE + 1 - cosine) | {val} |
 | held-out loss of raw features as the prediction | {identity} |
 """
@@ -385,7 +385,7 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
 
 
 def _read_initial_checkpoint(path: Optional[str], backbone: str, embed_dim: int,
-                             patch: int) -> Optional[Tuple[Dict[str, torch.Tensor], str]]:
+                             grid: int) -> Optional[Tuple[Dict[str, torch.Tensor], str]]:
     """The weights of --initial-checkpoint and its identity ('sha256:<hex>' of the weights file, so --resume can
     tell it changed), after checking it is a denoiser for `backbone` with the trainer's position-embedding grid."""
     if path is None:
@@ -394,8 +394,7 @@ def _read_initial_checkpoint(path: Optional[str], backbone: str, embed_dim: int,
     if config.backbone and not same_backbone(config.backbone, backbone):
         raise ValueError(f'--initial-checkpoint {path} is a denoiser for {config.backbone}, '
                          f'but the stage-1 features are {backbone}\'s')
-    grid = default_input_size(patch) // patch
-    heads = max(embed_dim // 64, 1)
+    heads = default_num_heads(embed_dim)
     if (config.embed_dim, config.grid_size, config.num_heads) != (embed_dim, grid, heads):
         raise ValueError(f'--initial-checkpoint {path} has width {config.embed_dim}, {config.num_heads} heads and a '
                          f'{config.grid_size}x{config.grid_size} position embedding; the trainer\'s {backbone} '
@@ -536,11 +535,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
                         '--batch-size %d', sum(unused.values()), _grid_counts(unused), cfg.batch_size)
     total = cfg.steps or (cfg.epochs or DEFAULT_EPOCHS) * per_epoch
     peak = cfg.lr or default_lr(cfg.batch_size)
-    initial = _read_initial_checkpoint(cfg.initial_checkpoint, data_backbone, embed_dim, patch)
+    grid_size = default_input_size(patch) // patch
+    initial = _read_initial_checkpoint(cfg.initial_checkpoint, data_backbone, embed_dim, grid_size)
     settings = dict(backbone=data_backbone, total_steps=total, batch_size=cfg.batch_size, lr=peak,
                     weight_decay=cfg.weight_decay, betas=list(cfg.betas), eps=cfg.eps, warmup_frac=cfg.warmup_frac,
                     min_lr=cfg.min_lr, val_frac=cfg.val_frac, seed=cfg.seed, amp=cfg.amp,
-                    initial_checkpoint=initial and initial[1])
+                    initial_checkpoint=initial[1] if initial else None)
     train_names = [it.path.name for it in train_items]
     val_names = [it.path.name for it in val_items]
     data_digest = _data_digest(scan.items)
@@ -549,7 +549,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Dict[str, Any]:
     # Model, optimiser, schedule: seeded identically on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    grid_size = default_input_size(patch) // patch
     module = Denoiser(embed_dim, grid_size).to(env.device)
     if initial is not None:
         module.load_state_dict(initial[0])
