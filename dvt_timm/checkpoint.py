@@ -23,13 +23,23 @@ from .denoiser import default_num_heads
 __all__ = [
     'CheckpointError', 'DenoiserConfig', 'load_state_dict_file', 'read_denoiser_checkpoint', 'read_denoiser_config',
     'write_denoiser_checkpoint', 'backbone_arch', 'with_default_tag', 'same_backbone', 'file_sha256',
-    'backbone_weights_id', 'atomic_write', 'weights_path',
+    'backbone_weights_id', 'atomic_write', 'weights_path', 'refuse_to_replace',
 ]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'  # the model card beside them
+# The Hub metadata that heads the model cards our commands write (training, averaging).
+CARD_FRONT_MATTER = """---
+library_name: dvt-timm
+tags:
+- dvt
+- timm
+- image-feature-extraction
+- vision-transformer
+---
+"""
 PathLike = Union[str, os.PathLike]
 
 
@@ -238,6 +248,14 @@ def weights_path(path: PathLike) -> Path:
             raise FileNotFoundError(f'{path}: no {WEIGHTS_NAME} in checkpoint directory')
         return path / WEIGHTS_NAME
     return path
+
+
+def refuse_to_replace(directory: PathLike, overwrite: bool) -> None:
+    """Raise `FileExistsError` if `directory` already holds a denoiser and `overwrite` is not set."""
+    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (Path(directory) / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f'{directory} already holds a denoiser ({", ".join(existing)}); '
+                              'give another folder, or --overwrite to replace it')
 
 
 def read_denoiser_config(path: PathLike) -> Optional[DenoiserConfig]:

@@ -40,14 +40,11 @@ def output_folder(text: str) -> str:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, with_default_tag
+    from .checkpoint import CARD_NAME, refuse_to_replace, with_default_tag
     from .model import DenoisedViT
     from .registry import resolve_backbone
     out = Path(args.out_dir)
-    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f'{args.out_dir} already holds a denoiser ({", ".join(existing)}); '
-                              'give another folder, or --overwrite to replace it')
+    refuse_to_replace(out, args.overwrite)
     # config.json names the weights with their tag, which stays right if timm's default tag changes
     model = DenoisedViT(with_default_tag(resolve_backbone(args.model)), denoiser_checkpoint=args.src)
     if args.overwrite:
@@ -71,11 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluation.commands import add_evaluate_parser, add_visualize_parser
     from .fields.commands import add_denoise_images_parser
-    from .training.commands import add_train_denoiser_parser
+    from .training.commands import add_average_denoisers_parser, add_train_denoiser_parser
     add_visualize_parser(sub)
     add_evaluate_parser(sub)
     add_denoise_images_parser(sub)
     add_train_denoiser_parser(sub)
+    add_average_denoisers_parser(sub)
     for command in sub.choices.values():  # `-v` after the command name too; SUPPRESS keeps an earlier one
         command.add_argument('-v', '--verbose', action='store_true', default=argparse.SUPPRESS,
                              help='log debug messages')

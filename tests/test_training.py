@@ -526,6 +526,45 @@ def test_fine_tuning_starts_from_the_initial_checkpoint(reference_run, stage1_di
         train(_config(stage1_dir, tmp_path / 'run_empty', initial_checkpoint=str(tmp_path)))
 
 
+def test_average_denoisers_is_the_weighted_mean(tmp_path, vits_checkpoint, capsys):
+    """`dvt-timm average-denoisers`: the weighted mean of denoisers of one backbone and shape, loadable like any
+    of ours; the mean of the shipped denoiser with itself is that denoiser; mismatches are refused by name."""
+    from dvt_timm.cli import main as cli_main
+    shipped = REPO / 'weights' / 'dvt_vit_small_patch14_dinov2'
+    _, config = read_denoiser_checkpoint(shipped)
+    torch.manual_seed(0)
+    other = {k: torch.randn_like(v) for k, v in load_file(str(shipped / 'model.safetensors')).items()}
+    write_denoiser_checkpoint(tmp_path / 'other', other, config)
+    assert cli_main(['average-denoisers', str(shipped), str(tmp_path / 'other'), '--weights', '0.25', '0.75',
+                     '--out', str(tmp_path / 'mean')]) == 0
+    start, mean = load_file(str(shipped / 'model.safetensors')), load_file(str(tmp_path / 'mean' / 'model.safetensors'))
+    assert all(torch.allclose(mean[k], 0.25 * start[k] + 0.75 * other[k], atol=1e-6) for k in start)
+    assert read_denoiser_checkpoint(tmp_path / 'mean')[1] == config
+    sha = hashlib.sha256((shipped / 'model.safetensors').read_bytes()).hexdigest()
+    assert f'| `{shipped}` | `{sha}` | 0.25 |' in (tmp_path / 'mean' / 'README.md').read_text()
+    model = DenoisedViT.from_pretrained(str(tmp_path / 'mean'), backbone_checkpoint=vits_checkpoint)
+    assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in mean.items())
+
+    assert cli_main(['average-denoisers', str(shipped), str(shipped), '--out', str(tmp_path / 'self')]) == 0
+    assert all(torch.equal(v, start[k]) for k, v in load_file(str(tmp_path / 'self' / 'model.safetensors')).items())
+
+    write_denoiser_checkpoint(tmp_path / 'vitb', Denoiser(768, 37).state_dict(),
+                              DenoiserConfig('vit_base_patch14_dinov2.lvd142m', 768, 12, 37, 14))
+    write_denoiser_checkpoint(tmp_path / 'grid16', Denoiser(C, 16).state_dict(),
+                              DenoiserConfig(config.backbone, C, 6, 16, 14, input_size=448))
+    for args, message in (
+            ([tmp_path / 'vitb'], 'vitb is a denoiser for vit_base_patch14_dinov2.lvd142m'),
+            ([tmp_path / 'grid16'], 'grid16 has grid_size 16'),
+            ([tmp_path / 'other', '--weights', '0.5', '0.6'], 'the weights must sum to 1, they sum to 1.1'),
+            ([tmp_path / 'other', '--weights', '1'], '1 weights for 2 denoisers')):
+        out = tmp_path / f'refused_{len(message)}'
+        assert cli_main(['average-denoisers', str(shipped), *map(str, args), '--out', str(out)]) == 1
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert cli_main(['average-denoisers', str(shipped), str(shipped), '--out', str(tmp_path / 'mean')]) == 1
+    assert 'already holds a denoiser' in capsys.readouterr().err  # without --overwrite
+
+
 def test_resume_after_kill_matches_uninterrupted_run(reference_run, stage1_dir, tmp_path):
     out = tmp_path / 'run'
     # A hard kill (SIGKILL) right after step 6: steps 5-6 are lost, the checkpoint of step 4 survives.

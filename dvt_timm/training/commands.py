@@ -1,4 +1,4 @@
-"""The `train-denoiser` command: argparse wiring for `dvt_timm.training.train`.
+"""The `train-denoiser` and `average-denoisers` commands: argparse wiring for `dvt_timm.training`.
 
 `add_train_denoiser_parser(subparsers)` registers the subcommand on the `dvt-timm` CLI;
 `python -m dvt_timm.training ...` (and `torchrun ... -m dvt_timm.training ...`) runs the same command.
@@ -12,8 +12,8 @@ from typing import List, Optional
 from ..cli import output_folder
 from .trainer import BEST_DIR, DEFAULT_EPOCHS, TrainConfig, loss_text, train
 
-__all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'config_from_args', 'run_train_denoiser',
-           'main']
+__all__ = ['add_train_denoiser_arguments', 'add_train_denoiser_parser', 'add_average_denoisers_parser',
+           'config_from_args', 'run_train_denoiser', 'main']
 
 _DESCRIPTION = """\
 Train DVT's generalizable denoiser (stage 2) on a folder of stage-1 outputs.
@@ -101,6 +101,28 @@ def add_train_denoiser_parser(subparsers: argparse._SubParsersAction) -> argpars
                               description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_denoiser_arguments(p)
     p.set_defaults(func=run_train_denoiser)
+    return p
+
+
+def _average_denoisers(args: argparse.Namespace) -> None:
+    from .averaging import write_average
+    config = write_average(args.denoisers, args.out, args.weights, args.overwrite)
+    print(f'wrote {args.out} (the weighted mean of {len(args.denoisers)} denoisers for {config.backbone})')
+
+
+def add_average_denoisers_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `average-denoisers` on a subparsers object."""
+    p = subparsers.add_parser('average-denoisers',
+                              help='the weighted mean of denoisers of one backbone (e.g. before and after a fine-tune)',
+                              description='Average the weights of denoisers of one backbone and shape, like timm\'s '
+                                          'avg_checkpoints.py; writes config.json, model.safetensors and a model '
+                                          'card naming each source by its SHA-256.')
+    p.add_argument('denoisers', nargs='+', help='dvt-timm checkpoint folders or model.safetensors, or authors\' .pth')
+    p.add_argument('--out', required=True, type=output_folder, help='output folder')
+    p.add_argument('--weights', type=float, nargs='+', default=None,
+                   help='one weight per denoiser, summing to 1 (default: equal weights)')
+    p.add_argument('--overwrite', action='store_true', help='replace a denoiser already in --out')
+    p.set_defaults(func=_average_denoisers)
     return p
 
 

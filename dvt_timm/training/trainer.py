@@ -43,8 +43,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import (
-    CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, file_sha256, read_denoiser_checkpoint, same_backbone,
-    short_cause, weights_path, write_denoiser_checkpoint,
+    CARD_FRONT_MATTER, CARD_NAME, DenoiserConfig, atomic_write, backbone_arch, file_sha256, read_denoiser_checkpoint,
+    same_backbone, short_cause, weights_path, write_denoiser_checkpoint,
 )
 from ..denoiser import Denoiser, default_num_heads
 from ..losses import distance
@@ -313,15 +313,7 @@ def loss_text(loss: Optional[float], missing: str = 'n/a') -> str:
 def _model_card(backbone: str, input_size: Optional[int], settings: Dict[str, Any], step: int, n_train: int,
                 n_val: int, val_loss: Optional[float], identity_loss: Optional[float]) -> str:
     val, identity = (loss_text(x, 'n/a (no held-out files)') for x in (val_loss, identity_loss))
-    return f"""---
-library_name: dvt-timm
-tags:
-- dvt
-- timm
-- image-feature-extraction
-- vision-transformer
----
-
+    return CARD_FRONT_MATTER + f"""
 # DVT denoiser for `{backbone}`
 
 A [Denoising Vision Transformers](https://arxiv.org/abs/2401.02957) generalizable denoiser trained with
