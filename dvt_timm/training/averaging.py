@@ -3,6 +3,7 @@
 A weighted mean of denoisers of one backbone and shape, e.g. of the weights before and after a fine-tune
 (WiSE-FT, Wortsman et al. 2022: weights between a model and its fine-tune can keep some of what each does well).
 """
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,10 +53,7 @@ def average_denoisers(paths: Sequence[PathLike], weights: Optional[Sequence[floa
         if sd.keys() != first_sd.keys() or any(sd[k].shape != first_sd[k].shape for k in sd):
             raise CheckpointError(f'{path} and {first_path} hold different tensors')
     mean = {k: sum(w * sd[k].double() for w, (_, sd, _) in zip(weights, loaded)).float() for k in first_sd}
-    config = DenoiserConfig(backbone=backbone, embed_dim=first_cfg.embed_dim, num_heads=first_cfg.num_heads,
-                            grid_size=first_cfg.grid_size, patch_size=first_cfg.patch_size,
-                            input_size=first_cfg.input_size)
-    return mean, config
+    return mean, replace(first_cfg, backbone=backbone)  # the first may not name its backbone (bare safetensors)
 
 
 def _card(backbone: str, sources: List[Tuple[str, str, float]]) -> str:
