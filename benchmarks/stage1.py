@@ -23,6 +23,8 @@ from dvt_timm import DenoisedViT
 from dvt_timm.cli import positive_int
 from dvt_timm.data import image_to_tensor, list_images, load_image
 from dvt_timm.fields import PRESETS, decompose, image_seed, image_view_features
+from dvt_timm.fields.pipeline import resolve_settings
+from dvt_timm.precision import bf16_is_native
 
 sys.path.insert(0, str(Path(__file__).parent))
 from encoding import bench_encoding, bench_table_adam, format_result, format_table_adam  # noqa: E402
@@ -48,14 +50,14 @@ def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extr
     backbone = model.backbone.to(device).eval()
     size = settings.image_size
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-    amp = device.type == 'cuda' if settings.amp is None else settings.amp
+    settings = resolve_settings(settings, model.patch_size, device)  # amp, if unset, for this device
     seeds = [image_seed(settings.seed, str(k)) for k in range(len(images))]
     _sync(device)
     t0 = time.perf_counter()
     feats, coords = [], []
     for img, seed in zip(images, seeds):  # as denoise_images does it
         x = img if isinstance(img, torch.Tensor) else image_to_tensor(img, size, mean, std)
-        f, xy = image_view_features(backbone, x, settings, seed, amp, extract_batch)
+        f, xy = image_view_features(backbone, x, settings, seed, settings.amp, extract_batch)
         feats.append(f)
         coords.append(xy)
     batch = torch.stack(feats)
@@ -82,18 +84,21 @@ def main() -> None:
     parser.add_argument('--cpu-images', type=positive_int, default=4, help='images in the CPU batch')
     parser.add_argument('--gpu-images', type=positive_int, default=16, help='images in the GPU batch (paper settings)')
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--cpu-amp', action=argparse.BooleanOptionalAction, default=None,
+                        help='CPU: bf16 autocast for extraction (default: where bf16 is native, as the preset does)')
     parser.add_argument('--dense-table-adam', action='store_true',
                         help='GPU: also time the paper settings with a dense Adam on the hash tables')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    fast = PRESETS['fast']
     model = DenoisedViT('vit_small_patch14_dinov2')
+    fast = resolve_settings(PRESETS['fast'].with_overrides(amp=args.cpu_amp), model.patch_size, 'cpu')
     photos = [load_image(p) for p in _photos(args.cpu_images)]
     r = time_stage1(model, photos, fast, torch.device('cpu'))
     print(f'CPU ({torch.get_num_threads()} threads), preset fast on vit_small_patch14_dinov2 at {fast.image_size} px, '
-          f'{fast.n_views} views, {fast.iterations} iterations, batch of {len(photos)} images:')
+          f'{fast.n_views} views, {fast.iterations} iterations, batch of {len(photos)} images, extraction in '
+          f'{"bf16 autocast" if fast.amp else "fp32"} (native bf16: {bf16_is_native("cpu")}):')
     print(f'  {r["total"]:.1f} s/image  (extraction {r["extract"]:.1f} s, optimisation {r["optimise"]:.1f} s)')
 
     if not torch.cuda.is_available():

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from dvt_timm.denoiser import Denoiser
 from dvt_timm.fields.outputs import write_stage1
+from dvt_timm.precision import bf16_is_native
 from dvt_timm.training.data import Stage1Dataset, scan_stage1
 from dvt_timm.training.trainer import default_lr, train_step
 
@@ -88,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f'torch {torch.__version__}')
-    for amp in (False, True):  # bf16 autocast pays off on CPUs with bf16 units (AMX / AVX512-BF16)
+    print(f'torch {torch.__version__}; native bf16 on the CPU: {bf16_is_native("cpu")}')
+    for amp in (False, True):  # bf16 autocast pays off on CPUs with bf16 units (AMX / AVX512-BF16) only
         bench_compute(384, 32, args.batch, 'cpu', amp, args.iters)
     if args.io:
         bench_io(384, 32, args.batch, args.workers, args.iters)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -19,11 +20,14 @@ from safetensors.torch import load_file, save_file
 from conftest import require_triton
 from dvt_timm import DenoisedViT
 from dvt_timm.cli import main as cli_main
-from dvt_timm.data import list_images
+from dvt_timm.data import image_to_tensor, list_images, load_image
 from dvt_timm.fields import (
-    PRESETS, FieldSettings, HashGridConfig, decompose, denoise_image, denoise_images, image_seed, sample_indices)
+    PRESETS, FieldSettings, HashGridConfig, decompose, denoise_image, denoise_images, extract_view_features, image_seed,
+    sample_indices)
+from dvt_timm.fields import pipeline
 from dvt_timm.fields.outputs import read_stage1, write_stage1
 from dvt_timm.fields.views import View, render_views, sample_views, view_coords
+from dvt_timm.precision import bf16_is_native
 
 
 def test_view_coordinates_follow_the_crop():
@@ -185,6 +189,35 @@ def test_denoise_images_names_bad_arguments(plain_vits):
             denoise_image(plain_vits, image, **kwargs)
 
 
+@pytest.mark.skipif(platform.machine() != 'x86_64' or not Path('/proc/cpuinfo').exists(),
+                    reason='reads the CPU flags of x86-64 Linux')
+def test_bf16_is_native_follows_the_cpu_flags():
+    """bf16 autocast is only chosen on CPUs with bf16 instructions; on others (AVX2-only x86, most AMD Zen 2/3
+    servers) it is several times slower than fp32."""
+    flags = set(re.search(r'^flags\s*:(.*)$', Path('/proc/cpuinfo').read_text(), re.M).group(1).split())
+    assert bf16_is_native('cpu') == bool(flags & {'avx512_bf16', 'amx_tile'})
+    assert not bf16_is_native('meta')
+
+
+def test_stage1_extracts_in_bf16_only_where_bf16_is_native(plain_vits, sample_images, monkeypatch):
+    """Left unset (as in both presets), `amp` follows the device: the raw maps are the fp32 features on a CPU
+    without native bf16, the bf16-autocast ones where it is native. A request for bf16 where it is slow warns."""
+    image = load_image(sample_images[0])
+    cfg = plain_vits.pretrained_cfg
+    x = image_to_tensor(image, 56, cfg['mean'], cfg['std'])[None]
+    expected = {amp: extract_view_features(plain_vits, x, amp=amp)[0] for amp in (False, True)}
+    assert (expected[True] - expected[False]).abs().max() > 1e-2  # the two are told apart
+    tiny = PRESETS['fast'].with_overrides(image_size=56, n_views=1, iterations=2)
+    for native in (False, True):
+        monkeypatch.setattr(pipeline, 'bf16_is_native', lambda device, native=native: native)
+        assert pipeline.resolve_settings('fast', 14).amp is native and PRESETS['fast'].amp is None
+        assert pipeline.resolve_settings(replace(tiny, amp=False), 14).amp is False  # a choice is kept
+        assert torch.equal(denoise_image(plain_vits, image, settings=tiny).raw, expected[native])
+    monkeypatch.setattr(pipeline, 'bf16_is_native', lambda device: False)
+    with pytest.warns(UserWarning, match='bf16 autocast on cpu, which has no native bf16'):
+        assert pipeline.resolve_settings(replace(tiny, amp=True), 14).amp is True
+
+
 def test_denoise_image_leaves_the_callers_model_in_its_mode():
     model = timm.create_model('vit_small_patch14_dinov2', img_size=28, num_classes=0).train()
     tiny = FieldSettings(image_size=28, n_views=1, iterations=2, samples_per_step=8)
@@ -324,6 +357,7 @@ def test_denoise_images_cli_resumes_after_kill(tmp_path, image_folder, vits_chec
         assert torch.equal(raw_a, raw_b) and torch.equal(den_a, den_b), name
     assert raw_a.shape == (8, 8, 384)
     assert item.model == 'vit_small_patch14_dinov2' and item.input_size == (112, 112) and item.patch_size == 14
+    assert json.loads(item.metadata['settings'])['amp'] is bf16_is_native('cpu')  # what was used, not "auto"
 
     # The files hold what the library API gives for that image: its raw map and its field F. The API is given
     # the image's group as the CLI formed it (sorted, --batch-images 2, the unreadable file dropped): CPU

@@ -23,7 +23,7 @@ from dvt_timm import DenoisedViT
 from dvt_timm.checkpoint import DenoiserConfig, read_denoiser_checkpoint, write_denoiser_checkpoint
 from dvt_timm.denoiser import Denoiser
 from dvt_timm.losses import distance
-from dvt_timm.training import commands
+from dvt_timm.training import commands, trainer
 from dvt_timm.training.data import (
     Stage1Dataset, Stage1Error, eval_batches, global_batches, rank_slice, scan_stage1, split_files, steps_per_epoch,
 )
@@ -280,7 +280,6 @@ def test_bad_settings_are_refused(stage1_dir, tmp_path):
 def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeypatch):
     """With checkpoints more often than loss logs, a NaN that enters between them (a diverging step) must
     not be saved."""
-    from dvt_timm.training import trainer
     write_stage1(tmp_path / 'data', {(8, 8): 8})
     real_step, steps = trainer.train_step, []
 
@@ -303,7 +302,6 @@ def test_a_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeyp
 def test_best_holds_the_weights_with_the_lowest_held_out_loss(tmp_path, monkeypatch):
     """When the held-out loss rises again, best/ keeps the weights of its lowest point (timm's model_best);
     a NaN loss is never the lowest."""
-    from dvt_timm.training import trainer
     write_stage1(tmp_path / 'data', {(8, 8): 8})
     scripted = iter([0.9, math.nan, 0.3, 0.4])  # the identity baseline, then the validations at steps 2, 4, 6
     seen = {}
@@ -442,6 +440,17 @@ def test_files_that_can_never_fill_a_batch_are_reported(tmp_path, caplog):
         train(_config(tmp_path / 'data', tmp_path / 'run', steps=1, batch_size=4, val_frac=0))
     assert '2 training files are never used: their patch grids (6x10: 2) have fewer files than --batch-size 4' \
         in caplog.text
+
+
+def test_amp_where_bf16_is_not_native_warns(tmp_path, caplog, monkeypatch):
+    """bf16 autocast on a CPU without bf16 units is many times slower than fp32: --amp there says so."""
+    write_stage1(tmp_path / 'data', {(8, 8): 4})
+    for native in (True, False):
+        monkeypatch.setattr(trainer, 'bf16_is_native', lambda device, native=native: native)
+        caplog.clear()
+        with caplog.at_level('WARNING'):
+            train(_config(tmp_path / 'data', tmp_path / f'run_{native}', steps=1, batch_size=4, val_frac=0, amp=True))
+        assert ('--amp on cpu, which has no native bf16' in caplog.text) is not native
 
 
 # ---------------------------------------------------------------------------- training runs

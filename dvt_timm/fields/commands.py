@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> None:
     device = _device(args.device)
     check_backend(args.backend, device or torch.device('cpu'))
     model = load_model(args.model, args.backbone_checkpoint, need_denoiser=False)
-    settings = resolve_settings(settings, model.patch_size)
+    settings = resolve_settings(settings, model.patch_size, device)  # amp, if unset, for this device
     if args.tf32:  # the MLPs' fp32 matmuls are most of a paper-settings step's arithmetic (docs/stage1.md)
         torch.set_float32_matmul_precision('high')
     on_cpu = device is None or device.type == 'cpu'
@@ -105,7 +105,8 @@ def add_denoise_images_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument('--image-size', type=int, help='squash-resize side (multiple of the patch size)')
     g.add_argument('--seed', type=int, help='run seed; each image draws its views and samples from it and its stem')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='bf16 autocast for feature extraction (default: preset / on for CUDA)')
+                   help='bf16 autocast for feature extraction (default: on where the device computes in bf16 natively: '
+                        'GPUs from Ampere on, CPUs with AVX512-BF16 or AMX)')
     g.add_argument('--sparse-table-adam', action=argparse.BooleanOptionalAction, default=None,
                    help="Adam skips hash-table values a step gave no gradient, as tiny-cuda-nn's Adam does "
                         "(default: on for --preset paper, off for fast; off steps the whole table, as the "

@@ -48,7 +48,7 @@ class FieldSettings:
     hash: HashGridConfig = field(default_factory=HashGridConfig)
     crop_scale: Tuple[float, float] = (0.1, 0.5)
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    amp: Optional[bool] = None  # bf16 autocast for feature extraction; None: on for CUDA only
+    amp: Optional[bool] = None  # bf16 autocast for feature extraction; None: where bf16 is native (`bf16_is_native`)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,7 +70,7 @@ class FieldSettings:
             if not low < a <= b <= high:
                 raise ValueError(f'{name} must be (min, max) with {low} < min <= max <= {high}, got {(a, b)}')
         if self.amp not in (None, True, False):
-            raise ValueError(f'amp must be True, False or None (on for CUDA), got {self.amp!r}')
+            raise ValueError(f'amp must be True, False or None (where bf16 is native), got {self.amp!r}')
         if not isinstance(self.hash, HashGridConfig):
             raise ValueError(f'hash must be a HashGridConfig, got {type(self.hash).__name__}')
 
@@ -83,7 +83,8 @@ PRESETS = {
     'paper': FieldSettings(),
     # CPU preset, chosen by measurement (benchmarks/stage1_presets.py, docs/stage1.md): at 448 px the 37
     # backbone passes dominate; more views bring F closest to a 96-view, 2000-step reference, while more
-    # steps on few views overfit them. bf16 extraction is ~1.8x faster on CPUs with bf16 units; the hash
+    # steps on few views overfit them. bf16 extraction (amp=None: where bf16 is native) is ~1.8x faster on
+    # CPUs with bf16 units, ~5x slower on those without, which get fp32; the hash
     # grid is sized to a 32x32 feature grid (crops zoom in at most ~3x), the paper's one overfits here.
     # Half of the samples from the full view keeps F at the scale it is read out at (zoomed-in crops see
     # big objects as texture). With lr 0.03 it was the only setting at or above raw on both kNN banks of
@@ -93,7 +94,7 @@ PRESETS = {
     # beats gathering the touched values on the CPU (38 ms); F moves about as much as with another seed (docs/stage1.md).
     'fast': FieldSettings(
         image_size=448, n_views=36, iterations=300, samples_per_step=1024, full_view_share=0.5, lr=0.03,
-        sparse_table_adam=False, amp=True,
+        sparse_table_adam=False,
         hash=HashGridConfig(n_levels=8, n_features_per_level=8, log2_hashmap_size=15, base_resolution=16,
                             finest_resolution=256)),
 }

@@ -1,5 +1,6 @@
 """From images to stage-1 results: views, batched feature extraction, decomposition."""
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from ..data import image_to_tensor, load_image
 from ..model import DenoisedViT, default_input_size
+from ..precision import bf16_is_native
 from .decomposition import PRESETS, Decomposition, FieldSettings, decompose, image_seed
 from .encoding import check_backend
 from .views import render_views, sample_views, view_coords
@@ -23,8 +25,10 @@ def _backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def resolve_settings(settings: Union[None, str, FieldSettings], patch_size: int) -> FieldSettings:
-    """A preset name or settings object, with the image size filled in for this patch size."""
+def resolve_settings(settings: Union[None, str, FieldSettings], patch_size: int,
+                     device: Union[None, str, torch.device] = None) -> FieldSettings:
+    """A preset name or settings object, with the image size filled in for this patch size and `amp` for
+    `device` (default the CPU): bf16 autocast where the device computes in bf16 natively."""
     if settings is None:
         settings = PRESETS['paper']
     elif isinstance(settings, str):
@@ -38,6 +42,12 @@ def resolve_settings(settings: Union[None, str, FieldSettings], patch_size: int)
         settings = settings.with_overrides(image_size=default_input_size(patch_size))
     if settings.image_size % patch_size:
         raise ValueError(f'image_size {settings.image_size} is not a multiple of the patch size {patch_size}')
+    device = torch.device(device if device is not None else 'cpu')
+    if settings.amp is None:
+        settings = settings.with_overrides(amp=bf16_is_native(device))
+    elif settings.amp and not bf16_is_native(device):
+        warnings.warn(f'bf16 autocast on {device}, which has no native bf16: feature extraction may be several '
+                      'times slower than in fp32 (amp=False, or leave amp unset to choose by device)', stacklevel=2)
     return settings
 
 
@@ -149,12 +159,11 @@ def denoise_images(
     if isinstance(keys, str):
         raise TypeError(f'keys must be a list of one key per image, got the string {keys!r}')
     patch = backbone.patch_embed.patch_size[0]
-    settings = resolve_settings(settings, patch)
+    settings = resolve_settings(settings, patch, device)
     fixed = tuple(backbone.patch_embed.img_size)
     if not getattr(backbone, 'dynamic_img_size', False) and fixed != (settings.image_size,) * 2:
         raise ValueError(f'this backbone takes only {fixed[0]}x{fixed[1]} images, but stage 1 feeds it '
                          f'{settings.image_size}x{settings.image_size} views; create it with dynamic_img_size=True')
-    amp = device.type == 'cuda' if settings.amp is None else settings.amp
     size = settings.image_size
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(backbone, 'pretrained_cfg', {})
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
@@ -172,8 +181,8 @@ def denoise_images(
     backbone.eval().to(device)
     try:
         for image, seed in zip(images, seeds):
-            feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed, amp,
-                                            extract_batch)
+            feats, xy = image_view_features(backbone, _as_tensor(image, size, mean, std), settings, seed,
+                                            settings.amp, extract_batch)
             features.append(feats)  # bf16 on the GPU with amp: 769 views of ViT-B are 1.6 GB per image even so
             coords.append(xy)
             if progress is not None:

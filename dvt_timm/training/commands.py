@@ -60,7 +60,8 @@ def add_train_denoiser_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=2, help='data-loading worker processes per process (default 2)')
     p.add_argument('--device', default=None, help='cpu, cuda (default: cuda when available)')
     p.add_argument('--amp', action='store_true',
-                   help='bf16 autocast (on GPUs, and on CPUs with bf16 units, where it is about 2x faster)')
+                   help='bf16 autocast: about 2x faster on GPUs from Ampere on and on CPUs with AVX512-BF16 or AMX, '
+                        'slower on CPUs without bf16 units')
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out from its checkpoint.pt (starts a new run if there is none)')
     p.add_argument('--verify-data', action='store_true',

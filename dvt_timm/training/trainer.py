@@ -49,6 +49,7 @@ from ..checkpoint import (
 from ..denoiser import Denoiser, default_num_heads
 from ..losses import distance
 from ..model import default_input_size
+from ..precision import bf16_is_native
 from ..registry import resolve_backbone
 from .data import (
     Stage1Dataset, Stage1Error, Stage1Item, eval_batches, global_batches, rank_slice, scan_stage1, split_files,
@@ -98,7 +99,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: Optional[str] = None  # default: cuda when available, else cpu
-    amp: bool = False  # bf16 autocast (GPUs, and CPUs with bf16 units)
+    amp: bool = False  # bf16 autocast: faster where bf16 is native (`bf16_is_native`), slower elsewhere
     resume: bool = False
     verify_data: bool = False  # read every file in full at scan time and reject NaN/Inf
     initial_checkpoint: Optional[str] = None  # a denoiser to start from (fine-tuning) instead of a random one
@@ -374,6 +375,9 @@ def _check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f'--warmup-frac must be in [0, 1), got {cfg.warmup_frac}')
     if min(cfg.val_every, cfg.ckpt_every, cfg.log_every, cfg.workers) < 0:
         raise ValueError('--val-every, --ckpt-every, --log-every and --workers must not be negative')
+    if cfg.amp and env.is_main and not bf16_is_native(env.device):
+        _logger.warning('--amp on %s, which has no native bf16: bf16 autocast can be many times slower than fp32 '
+                        'here (21x in benchmarks/stage2.py on an AVX2-only CPU); leave --amp out', env.device)
 
 
 def _read_initial_checkpoint(path: Optional[str], backbone: str, embed_dim: int,
