@@ -76,7 +76,7 @@ def time_stage1(model: DenoisedViT, images, settings, device: torch.device, extr
     _sync(device)
     t2 = time.perf_counter()
     n = len(images)
-    return dict(extract=(t1 - t0) / n, optimise=(t2 - t1) / n, total=(t2 - t0) / n)
+    return dict(extract=(t1 - t0) / n, optimise=(t2 - t1) / n, total=(t2 - t0) / n, amp=settings.amp)
 
 
 def main() -> None:
@@ -93,12 +93,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model = DenoisedViT('vit_small_patch14_dinov2')
-    fast = resolve_settings(PRESETS['fast'].with_overrides(amp=args.cpu_amp), model.patch_size, 'cpu')
+    fast = PRESETS['fast'].with_overrides(amp=args.cpu_amp)
     photos = [load_image(p) for p in _photos(args.cpu_images)]
     r = time_stage1(model, photos, fast, torch.device('cpu'))
     print(f'CPU ({torch.get_num_threads()} threads), preset fast on vit_small_patch14_dinov2 at {fast.image_size} px, '
           f'{fast.n_views} views, {fast.iterations} iterations, batch of {len(photos)} images, extraction in '
-          f'{"bf16 autocast" if fast.amp else "fp32"} (native bf16: {bf16_is_native("cpu")}):')
+          f'{"bf16 autocast" if r["amp"] else "fp32"} (native bf16: {bf16_is_native("cpu")}):')
     print(f'  {r["total"]:.1f} s/image  (extraction {r["extract"]:.1f} s, optimisation {r["optimise"]:.1f} s)')
 
     if not torch.cuda.is_available():
